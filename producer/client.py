@@ -1,0 +1,167 @@
+"""The Python producer: enqueue jobs and read their results. Imports neither torch nor the worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from celery.result import AsyncResult
+
+from producer.celery_conf import make_celery
+from producer.config import QueueSettings
+from producer.contract import TASK_NAME, JobRequest, JobResult, parse_job
+from producer.errors import ErrorCode, JobFailed, JobTimeout
+
+
+class Job:
+    """A handle on an enqueued job.
+
+    Attributes:
+        id: the job id (also the Celery task id).
+        request: the validated job document, when this handle enqueued it.
+    """
+
+    def __init__(self, client: Client, job_id: str, request: JobRequest | None = None) -> None:
+        self.client = client
+        self.id = job_id
+        self.request = request
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    @property
+    def _async(self) -> AsyncResult:
+        return AsyncResult(self.id, app=self.client.celery)
+
+    def state(self) -> str:
+        """Celery's state of the job: ``PENDING``, ``STARTED``, ``RETRY`` or ``SUCCESS``."""
+        return self._async.state
+
+    def ready(self) -> bool:
+        """Whether the result is in the backend."""
+        return self._async.ready()
+
+    def result(self, timeout: float | None = None, *, raise_on_error: bool = True) -> JobResult:
+        """Wait for the result.
+
+        Args:
+            timeout: seconds to wait; ``None`` waits for ever.
+            raise_on_error: raise :class:`JobFailed` (with the error code) for error results.
+
+        Raises:
+            JobTimeout: no result within ``timeout``.
+            JobFailed: the job failed and ``raise_on_error`` is set.
+        """
+        try:
+            payload = self._async.get(timeout=timeout, propagate=False, interval=0.05)
+        except TimeoutError:
+            raise JobTimeout(f"job {self.id} has no result after {timeout} s") from None
+        if not isinstance(payload, dict):
+            payload = {
+                "job_id": self.id,
+                "status": "error",
+                "error": {
+                    "code": ErrorCode.INTERNAL.value,
+                    "message": f"the worker raised {payload!r}",
+                    "retryable": True,
+                },
+            }
+        result = JobResult.model_validate(payload)
+        if raise_on_error and result.status == "error" and result.error is not None:
+            raise JobFailed(
+                self.id,
+                result.error.code,
+                result.error.message,
+                retryable=result.error.retryable,
+                result=payload,
+            )
+        return result
+
+
+class Client:
+    """Enqueues cliptag jobs into Redis.
+
+    Args:
+        redis_url: the broker; defaults to ``CLIPTAG_REDIS_URL``.
+        queue: the queue to send to; defaults to ``CLIPTAG_QUEUE`` (``cliptag``).
+        settings: full settings instead of the two above.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        queue: str | None = None,
+        settings: QueueSettings | None = None,
+    ) -> None:
+        overrides = {k: v for k, v in {"redis_url": redis_url, "queue": queue}.items() if v}
+        self.settings = settings or QueueSettings(**overrides)
+        self.celery = make_celery(self.settings, main="cliptag-producer")
+
+    def close(self) -> None:
+        self.celery.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def submit(self, image: str, labels: Sequence[str] | None = None, **options: Any) -> Job:
+        """Enqueue one image with its labels; ``options`` are the other job fields."""
+        return self.submit_job(_document({"image": image}, labels, options))
+
+    def submit_job(self, job: JobRequest | dict[str, Any], *, queue: str | None = None) -> Job:
+        """Validate and enqueue a whole job document (any kind)."""
+        document = job.model_dump(mode="json", exclude_none=True) if isinstance(job, JobRequest) else dict(job)
+        document.setdefault("submitted_at", time.time())
+        request = parse_job(document, max_labels=self.settings.max_labels)
+        payload = request.model_dump(mode="json", exclude_none=True)
+        self.celery.send_task(
+            TASK_NAME,
+            args=[payload],
+            task_id=request.job_id,
+            queue=queue or self.settings.queue,
+        )
+        return Job(self, request.job_id, request)
+
+    def submit_many(
+        self,
+        images: Iterable[str],
+        labels: Sequence[str] | None = None,
+        *,
+        bulk_size: int = 0,
+        **options: Any,
+    ) -> Iterator[Job]:
+        """Enqueue many images with one label set, lazily (for backfills of any size).
+
+        Args:
+            images: the references.
+            labels: the labels every image is scored against.
+            bulk_size: 0 sends one job per image; N > 0 sends bulk jobs of up to N images.
+            options: the other job fields, shared by every job.
+        """
+        if bulk_size <= 0:
+            for image in images:
+                yield self.submit(image, labels, **options)
+            return
+        chunk: list[str] = []
+        for image in images:
+            chunk.append(image)
+            if len(chunk) == bulk_size:
+                yield self.submit_job(_document({"images": chunk}, labels, options))
+                chunk = []
+        if chunk:
+            yield self.submit_job(_document({"images": chunk}, labels, options))
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job, e.g. from another process."""
+        return Job(self, job_id)
+
+
+def _document(images: dict[str, Any], labels: Sequence[str] | None, options: dict[str, Any]) -> dict[str, Any]:
+    document = {**images, **options}
+    if labels is not None:
+        document["labels"] = list(labels)
+    return document

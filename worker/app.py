@@ -1,0 +1,51 @@
+"""The Celery app of a cliptag worker process: ``celery -A worker.app worker``.
+
+The model is loaded in ``worker_init``, which runs in the worker's main process before it
+consumes anything. The pool is ``threads``: every job thread shares the one model and the
+one batcher in this process (no fork after CUDA start-up, no copy of the weights per
+child), and the forward pass releases the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import structlog
+from celery import signals
+
+from producer.celery_conf import WEBHOOK_QUEUE, make_celery
+from worker.config import WorkerSettings
+from worker.logs import configure_logging
+from worker.runtime import Runtime
+
+settings = WorkerSettings()
+app = make_celery(settings, main="worker")
+app.conf.update(
+    worker_pool="threads",
+    worker_concurrency=settings.worker_concurrency,
+    worker_hijack_root_logger=False,
+    include=["worker.tasks"],
+)
+log = structlog.get_logger("cliptag.worker")
+
+
+@signals.worker_init.connect
+def load_model(**_: Any) -> None:
+    """Load the model once, before consuming; exit with one clear line if it cannot be had."""
+    configure_logging()
+    try:
+        Runtime.start(settings)
+    except Exception as exc:  # the worker must not consume without a model
+        print(f"cliptag worker: {exc}", file=sys.stderr, flush=True)
+        os._exit(3)
+
+
+@signals.worker_shutdown.connect
+def finish_in_flight(**_: Any) -> None:
+    """After Celery's warm shutdown drained the job threads, finish the batcher and exit."""
+    Runtime.stop()
+
+
+__all__ = ["WEBHOOK_QUEUE", "app", "settings"]

@@ -1,0 +1,192 @@
+"""Gathers work from many jobs into shared forward passes, on one dedicated thread.
+
+A job thread submits its preprocessed pixels and the prompts it needs and waits on a
+future. The batcher thread takes everything waiting (up to ``max_batch`` images, and
+for at most ``max_wait_ms`` after the first one arrived), encodes the prompts it has not
+cached in one text forward, the images in one image forward, and resolves each future
+with that job's own slice. A failed forward fails only the futures of that batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from worker.engine import ClipEngine
+
+LabelPrompts = tuple[str, ...]
+"""The prompts whose mean embedding stands for one label (one prompt without ensembling)."""
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """One work item's share of a batch.
+
+    Attributes:
+        image_embedding: the normalized image embedding, or ``None`` for text-only work.
+        text_embeddings: one normalized row per requested label (ensembles averaged).
+        logit_scale: CLIP's learned temperature, ``exp(logit_scale)``.
+        batch_id, batch_size: which forward pass served it and how many images it held.
+        inference_ms: the batch's wall time on the model.
+    """
+
+    image_embedding: torch.Tensor | None
+    text_embeddings: torch.Tensor
+    logit_scale: float
+    batch_id: str
+    batch_size: int
+    inference_ms: float
+
+
+@dataclass
+class WorkItem:
+    pixels: np.ndarray | None
+    labels: Sequence[LabelPrompts]
+    future: Future[BatchOutput] = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What the batcher reports after each forward pass (for logs and metrics)."""
+
+    batch_id: str
+    images: int
+    items: int
+    new_prompts: int
+    inference_ms: float
+    oldest_wait_ms: float
+
+
+class Batcher:
+    """Runs ``engine`` on batches assembled from :meth:`submit` calls.
+
+    Args:
+        engine: the model to run; only the batcher thread touches it.
+        max_batch: the most images in one forward pass.
+        max_wait_ms: after the first item arrives, how long to wait for more before
+            running a partial batch. Work that queued up while the model was busy is
+            always taken at once, so this only matters on an idle model.
+        on_batch: called on the batcher thread after every batch.
+    """
+
+    def __init__(
+        self,
+        engine: ClipEngine,
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self._queue: queue.Queue[WorkItem | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="cliptag-batcher", daemon=True)
+        self.batches_run = 0
+
+    def start(self) -> Batcher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what was submitted, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, pixels: np.ndarray | None, labels: Sequence[LabelPrompts] = ()) -> Future[BatchOutput]:
+        """Queue one image (or none, for text-only work) with the labels it is scored against."""
+        item = WorkItem(pixels=pixels, labels=labels)
+        self._queue.put(item)
+        return item.future
+
+    def _run(self) -> None:
+        while True:
+            batch, stopping = self._collect()
+            if batch:
+                self._execute(batch)
+            if stopping:
+                return
+
+    def _collect(self) -> tuple[list[WorkItem], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch, images = [first], int(first.pixels is not None)
+        deadline = first.arrived + self.max_wait
+        while images < self.max_batch:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+            images += item.pixels is not None
+        return batch, False
+
+    def _execute(self, batch: list[WorkItem]) -> None:
+        batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        started = time.monotonic()
+        batch_id = uuid.uuid4().hex[:12]
+        misses_before = self.engine.cache_misses
+        try:
+            outputs = self._forward(batch)
+        except Exception as exc:  # one failed pass must fail only its own futures
+            for item in batch:
+                item.future.set_exception(exc)
+            return
+        elapsed_ms = (time.monotonic() - started) * 1000.0
+        images = sum(item.pixels is not None for item in batch)
+        for item, (image_embedding, text_embeddings) in zip(batch, outputs, strict=True):
+            item.future.set_result(
+                BatchOutput(
+                    image_embedding=image_embedding,
+                    text_embeddings=text_embeddings,
+                    logit_scale=self.engine.logit_scale,
+                    batch_id=batch_id,
+                    batch_size=images,
+                    inference_ms=elapsed_ms,
+                )
+            )
+        self.batches_run += 1
+        if self.on_batch is not None:
+            self.on_batch(
+                BatchStats(
+                    batch_id=batch_id,
+                    images=images,
+                    items=len(batch),
+                    new_prompts=self.engine.cache_misses - misses_before,
+                    inference_ms=elapsed_ms,
+                    oldest_wait_ms=(started - min(item.arrived for item in batch)) * 1000.0,
+                )
+            )
+
+    def _forward(self, batch: list[WorkItem]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        prompts = list(dict.fromkeys(p for item in batch for label in item.labels for p in label))
+        prompt_rows = dict(zip(prompts, self.engine.text_embeddings(prompts), strict=True))
+        with_pixels = [item.pixels for item in batch if item.pixels is not None]
+        image_rows = iter(self.engine.image_embeddings(np.stack(with_pixels)) if with_pixels else [])
+        outputs = []
+        for item in batch:
+            image_embedding = next(image_rows) if item.pixels is not None else None
+            outputs.append((image_embedding, _label_matrix(item.labels, prompt_rows)))
+        return outputs
+
+
+def _label_matrix(labels: Sequence[LabelPrompts], prompt_rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One normalized row per label: the mean of its prompts' embeddings, renormalized."""
+    if not labels:
+        return torch.empty(0)
+    rows = [torch.stack([prompt_rows[p] for p in label]).mean(dim=0) for label in labels]
+    matrix = torch.stack(rows)
+    return matrix / matrix.norm(p=2, dim=-1, keepdim=True)

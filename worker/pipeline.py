@@ -1,0 +1,233 @@
+"""One job from request to result: preprocess → forward (batched) → postprocess.
+
+No Celery here: the Celery task, the benchmarks and the tests all drive this class.
+Fetch, decode and preprocess run on an I/O thread pool, so the next images are ready
+while the model runs the current batch, and a slow download never holds a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from producer.contract import ErrorInfo, ItemResult, JobRequest, JobResult
+from producer.errors import ErrorCode, JobError, shorten
+from worker.batcher import Batcher, BatchOutput, BatchStats, LabelPrompts
+from worker.config import WorkerSettings
+from worker.decode import decode_image
+from worker.engine import ClipEngine
+from worker.fetch import Fetcher, FetchPolicy
+from worker.loading import LoadedModel
+from worker.preprocess import ImageTransform, make_transform
+from worker.prompts import label_prompts, verbatim
+from worker.scoring import encode_embedding, label_probabilities, rank_labels, rank_texts
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A stored, named label set (see ``cliptag labels``).
+
+    Attributes:
+        labels: the labels in order.
+        template: the set's template(s); a job's own ``template`` is ignored for it.
+        prompts: per-label prompt overrides.
+        version: increases on every change, so cached prompts are never stale.
+    """
+
+    labels: tuple[str, ...]
+    template: str | tuple[str, ...]
+    prompts: dict[str, list[str]]
+    version: int
+
+
+LabelSetLookup = Callable[[str], LabelSet]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image ready for the model, with what getting it cost."""
+
+    pixels: np.ndarray
+    fetch_ms: float
+    preprocess_ms: float
+
+
+def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
+    """The fetch limits ``settings`` configure."""
+    return FetchPolicy(max_bytes=settings.max_image_bytes, local_roots=settings.local_root_paths)
+
+
+def _elapsed_ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000.0, 3)
+
+
+class Pipeline:
+    """Tags, embeds and ranks images with one loaded model.
+
+    Args:
+        loaded: the model from :func:`worker.loading.load_clip`.
+        settings: batch size, wait, preprocessing mode and fetch limits.
+        lookup_label_set: resolves ``label_set`` names; ``None`` refuses them.
+        on_batch: called after every forward pass (logging, metrics).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: WorkerSettings,
+        *,
+        lookup_label_set: LabelSetLookup | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model_info = loaded.info
+        self.fetcher = Fetcher(fetch_policy(settings))
+        self.transform: ImageTransform = make_transform(loaded.processor, exact=settings.exact_preprocess)
+        self.engine = ClipEngine(loaded, label_cache_size=settings.label_cache_size)
+        self.batcher = Batcher(
+            self.engine, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, on_batch=on_batch
+        )
+        self.lookup_label_set = lookup_label_set
+        self._io = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="cliptag-io")
+
+    def start(self) -> Pipeline:
+        self.batcher.start()
+        if self.settings.warmup:
+            self.warm_up()
+        return self
+
+    def stop(self) -> None:
+        """Finish queued work, then release threads and connections."""
+        self._io.shutdown(wait=True)
+        self.batcher.stop()
+        self.fetcher.close()
+
+    def warm_up(self) -> None:
+        """One forward pass through both towers, so the first real job pays no start-up cost."""
+        pixels = self.transform(Image.new("RGB", (256, 256), (127, 127, 127)))
+        self.batcher.submit(pixels, [("a photo.",)]).result()
+
+    def prepare(self, reference: str) -> Prepared:
+        """Fetch, decode and transform one image (the preprocess step)."""
+        started = time.perf_counter()
+        data = self.fetcher.fetch(reference)
+        fetch_ms = _elapsed_ms(started)
+        started = time.perf_counter()
+        image = decode_image(data, max_pixels=self.settings.max_pixels, draft_size=self.transform.draft_size)
+        pixels = self.transform(image)
+        return Prepared(pixels=pixels, fetch_ms=fetch_ms, preprocess_ms=_elapsed_ms(started))
+
+    def run(self, job: JobRequest) -> JobResult:
+        """Run ``job`` to its result; errors are results, never exceptions, except bugs."""
+        started = time.time()
+        queue_wait_ms = max(0.0, (started - job.submitted_at) * 1000.0) if job.submitted_at else None
+        try:
+            if job.expires_at is not None and started > job.expires_at:
+                raise JobError(ErrorCode.EXPIRED, f"job expired at {job.expires_at:.3f} before it ran")
+            labels, prompts = self._labels_and_prompts(job)
+        except JobError as error:
+            return JobResult(
+                job_id=job.job_id,
+                kind=job.kind,
+                status="error",
+                error=ErrorInfo(**error.to_dict()),
+                model=self.model_info,
+                metadata=job.metadata,
+            )
+        if job.kind == "text_embed":
+            output = self.batcher.submit(None, prompts).result()
+            return JobResult(
+                job_id=job.job_id,
+                kind=job.kind,
+                status="ok",
+                model=self.model_info,
+                metadata=job.metadata,
+                text_embeddings=[encode_embedding(row) for row in output.text_embeddings],
+                timings_ms={"inference": round(output.inference_ms, 3)},
+            )
+        pending = [self._io.submit(self._prepare_and_submit, ref, prompts) for ref in job.references]
+        items = [self._finish_item(job, ref, future, labels) for ref, future in zip(job.references, pending, strict=True)]
+        for item in items:
+            if queue_wait_ms is not None:
+                item.timings_ms["queue_wait"] = round(queue_wait_ms, 3)
+            item.timings_ms["total"] = round((time.time() - started) * 1000.0, 3)
+        common = {"job_id": job.job_id, "kind": job.kind, "model": self.model_info, "metadata": job.metadata}
+        if job.is_bulk:
+            status = "ok" if any(item.status == "ok" for item in items) else "error"
+            return JobResult(status=status, items=items, **common)
+        return JobResult(**items[0].model_dump(), **common)
+
+    def _labels_and_prompts(self, job: JobRequest) -> tuple[list[str], list[LabelPrompts]]:
+        if job.kind in ("rank", "text_embed"):
+            assert job.texts is not None
+            return list(job.texts), verbatim(job.texts)
+        if job.kind == "embed":
+            return [], []
+        if job.label_set is not None:
+            if self.lookup_label_set is None:
+                raise JobError(ErrorCode.UNKNOWN_LABEL_SET, "this worker has no label-set store")
+            stored = self.lookup_label_set(job.label_set)
+            return list(stored.labels), label_prompts(stored.labels, stored.template, stored.prompts)
+        assert job.labels is not None
+        return list(job.labels), label_prompts(job.labels, job.template, job.prompts)
+
+    def _prepare_and_submit(
+        self, reference: str, prompts: Sequence[LabelPrompts]
+    ) -> tuple[Prepared, Future[BatchOutput]]:
+        prepared = self.prepare(reference)
+        return prepared, self.batcher.submit(prepared.pixels, prompts)
+
+    def _finish_item(
+        self,
+        job: JobRequest,
+        reference: str,
+        pending: Future[tuple[Prepared, Future[BatchOutput]]],
+        labels: list[str],
+    ) -> ItemResult:
+        try:
+            prepared, forward = pending.result()
+            output = forward.result()
+        except JobError as error:
+            return ItemResult(image=reference, status="error", error=ErrorInfo(**error.to_dict()))
+        except Exception as exc:  # a bug or a failed forward: retryable, never silent
+            message = f"{type(exc).__name__}: {shorten(str(exc))}"
+            return ItemResult(
+                image=reference,
+                status="error",
+                error=ErrorInfo(code=ErrorCode.INTERNAL, message=message, retryable=True),
+            )
+        return self.postprocess(job, reference, labels, prepared, output)
+
+    def postprocess(
+        self, job: JobRequest, reference: str, labels: list[str], prepared: Prepared, output: BatchOutput
+    ) -> ItemResult:
+        """Scores, tags, ranks and embeddings for one image from its batch output."""
+        assert output.image_embedding is not None
+        item = ItemResult(
+            image=reference,
+            status="ok",
+            batch_id=output.batch_id,
+            batch_size=output.batch_size,
+            timings_ms={
+                "fetch": prepared.fetch_ms,
+                "preprocess": prepared.preprocess_ms,
+                "inference": round(output.inference_ms, 3),
+            },
+        )
+        if job.kind == "tag":
+            probabilities = label_probabilities(
+                output.image_embedding, output.text_embeddings, output.logit_scale, job.mode
+            )
+            item.scores, item.tags, item.top_label = rank_labels(
+                labels, probabilities, mode=job.mode, top_k=job.top_k, threshold=job.threshold
+            )
+        elif job.kind == "rank":
+            item.texts = rank_texts(labels, output.image_embedding, output.text_embeddings)
+        if job.kind == "embed" or job.return_embedding:
+            item.embedding = encode_embedding(output.image_embedding)
+        return item

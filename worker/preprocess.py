@@ -1,0 +1,140 @@
+"""Image → normalized pixel array, driven by the checkpoint's own processor config.
+
+Two transforms share one interface:
+
+* :class:`ExactTransform` calls ``CLIPImageProcessorPil`` itself: the reference, bit for bit.
+* :class:`FastTransform` does the same resize → center-crop → rescale → normalize with
+  Pillow and numpy, and lets the decoder use JPEG draft mode (DCT-domain downscaling)
+  when the photo is much larger than the model input. ``docs/benchmarks.md`` records
+  how far it strays from the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+
+DRAFT_MARGIN = 2
+"""JPEG drafts are decoded at no less than this multiple of the resize target, so the
+bicubic resize that follows still has real pixels to filter (closer to the reference)."""
+
+
+class ImageTransform(Protocol):
+    """Turns a decoded RGB image into a ``(3, H, W)`` float32 array the model takes."""
+
+    def __call__(self, image: Image.Image) -> np.ndarray: ...
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The smallest size a JPEG may be draft-decoded to, or ``None`` for full decode."""
+        ...
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """The parts of a processor config the fast path understands.
+
+    Attributes:
+        shortest_edge: resize so the short side is this (aspect kept), or ``None``.
+        size_hw: resize to exactly (height, width) instead, or ``None``.
+        crop_hw: center-crop size, or ``None`` for no crop.
+        resample: Pillow resampling filter id.
+        scale: rescale factor (1/255 for 8-bit input).
+        mean, std: per-channel normalization.
+    """
+
+    shortest_edge: int | None
+    size_hw: tuple[int, int] | None
+    crop_hw: tuple[int, int] | None
+    resample: int
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_processor(cls, processor: CLIPImageProcessorPil) -> ResizeSpec | None:
+        """The spec of ``processor``, or ``None`` when it uses options the fast path lacks."""
+        size, crop = processor.size, processor.crop_size
+        if not (processor.do_resize and processor.do_rescale and processor.do_normalize):
+            return None
+        if getattr(processor, "do_pad", False) or size.longest_edge or size.max_height:
+            return None
+        shortest = size.shortest_edge
+        size_hw = (size.height, size.width) if size.height and size.width else None
+        if (shortest is None) == (size_hw is None):
+            return None
+        crop_hw = (crop.height, crop.width) if processor.do_center_crop else None
+        smallest_resize = shortest or min(size_hw or (0, 0))
+        if crop_hw is not None and min(crop_hw) > smallest_resize:
+            return None
+        return cls(
+            shortest_edge=shortest,
+            size_hw=size_hw,
+            crop_hw=crop_hw,
+            resample=int(processor.resample),
+            scale=float(processor.rescale_factor),
+            mean=tuple(float(m) for m in processor.image_mean),  # type: ignore[arg-type]
+            std=tuple(float(s) for s in processor.image_std),  # type: ignore[arg-type]
+        )
+
+    def resized_hw(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) after the resize step, as ``get_resize_output_image_size`` computes it."""
+        if self.size_hw is not None:
+            return self.size_hw
+        assert self.shortest_edge is not None
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+class ExactTransform:
+    """The reference preprocessing: ``CLIPImageProcessorPil`` on the fully decoded image."""
+
+    def __init__(self, processor: CLIPImageProcessorPil) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return self.processor(images=[image], return_tensors="np")["pixel_values"][0]
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
+        return None
+
+
+class FastTransform:
+    """Pillow resize and crop plus one fused numpy normalize; JPEG draft decode allowed."""
+
+    def __init__(self, spec: ResizeSpec) -> None:
+        self.spec = spec
+        std = np.asarray(spec.std, dtype=np.float32)
+        self._multiplier = (spec.scale / std).astype(np.float32)
+        self._offset = (np.asarray(spec.mean, dtype=np.float32) / std).astype(np.float32)
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
+        target_h, target_w = self.spec.resized_hw(width, height)
+        return (target_w * DRAFT_MARGIN, target_h * DRAFT_MARGIN)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        spec = self.spec
+        height, width = spec.resized_hw(*image.size)
+        resized = image.resize((width, height), resample=spec.resample)
+        pixels = np.asarray(resized)
+        if spec.crop_hw is not None:
+            pixels = center_crop_hwc(pixels, spec.crop_hw)
+        normalized = pixels.astype(np.float32) * self._multiplier - self._offset
+        return np.ascontiguousarray(normalized.transpose(2, 0, 1))
+
+
+def center_crop_hwc(pixels: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
+    """Center-crop an (H, W, C) array with the offsets transformers uses."""
+    height, width = pixels.shape[:2]
+    top, left = (height - crop_hw[0]) // 2, (width - crop_hw[1]) // 2
+    return pixels[top : top + crop_hw[0], left : left + crop_hw[1]]
+
+
+def make_transform(processor: CLIPImageProcessorPil, *, exact: bool) -> ImageTransform:
+    """The fast transform for ``processor``, or the exact one when asked or when needed."""
+    spec = None if exact else ResizeSpec.from_processor(processor)
+    return ExactTransform(processor) if spec is None else FastTransform(spec)
