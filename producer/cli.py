@@ -21,11 +21,14 @@ from producer.client import Client, Job
 from producer.contract import DEFAULT_TEMPLATE, JobResult
 from producer.errors import CliptagError, JobTimeout
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Zero-shot image tagging with CLIP over Celery.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Zero-shot image tagging with CLIP over Celery."
+)
 console = Console(stderr=True)
 
 RedisUrl = Annotated[
-    str | None, typer.Option("--redis-url", envvar="CLIPTAG_REDIS_URL", help="Broker URL.", show_default=False)
+    str | None,
+    typer.Option("--redis-url", envvar="CLIPTAG_REDIS_URL", help="Broker URL.", show_default=False),
 ]
 
 
@@ -62,7 +65,14 @@ def print_results(results: Iterable[JobResult], *, as_json: bool) -> None:
         for item in result.items or [result]:
             scores = ", ".join(f"{s.label} {s.score:.3f}" for s in (item.scores or [])[:3])
             status = item.status if item.error is None else f"{item.status}: {item.error.code.value}"
-            table.add_row(result.job_id[:12], Path(item.image or "").name, status, item.top_label or "", scores, ", ".join(item.tags or []))
+            table.add_row(
+                result.job_id[:12],
+                Path(item.image or "").name,
+                status,
+                item.top_label or "",
+                scores,
+                ", ".join(item.tags or []),
+            )
     Console().print(table)
 
 

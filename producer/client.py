@@ -114,7 +114,9 @@ class Client:
 
     def submit_job(self, job: JobRequest | dict[str, Any], *, queue: str | None = None) -> Job:
         """Validate and enqueue a whole job document (any kind)."""
-        document = job.model_dump(mode="json", exclude_none=True) if isinstance(job, JobRequest) else dict(job)
+        document = (
+            job.model_dump(mode="json", exclude_none=True) if isinstance(job, JobRequest) else dict(job)
+        )
         document.setdefault("submitted_at", time.time())
         request = parse_job(document, max_labels=self.settings.max_labels)
         payload = request.model_dump(mode="json", exclude_none=True)
@@ -160,7 +162,9 @@ class Client:
         return Job(self, job_id)
 
 
-def _document(images: dict[str, Any], labels: Sequence[str] | None, options: dict[str, Any]) -> dict[str, Any]:
+def _document(
+    images: dict[str, Any], labels: Sequence[str] | None, options: dict[str, Any]
+) -> dict[str, Any]:
     document = {**images, **options}
     if labels is not None:
         document["labels"] = list(labels)

@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 from producer.config import QueueSettings
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "cliptag" / "models"
 
 
 class WorkerSettings(QueueSettings):
@@ -48,7 +49,7 @@ class WorkerSettings(QueueSettings):
     model_config = SettingsConfigDict(env_prefix="CLIPTAG_", extra="ignore")
 
     model: str = DEFAULT_MODEL
-    model_cache_dir: Path = Path.home() / ".cache" / "cliptag" / "models"
+    model_cache_dir: Path = DEFAULT_CACHE_DIR
     device: str = ""
     dtype: str = ""
     max_batch: int = Field(default=32, ge=1, le=4096)

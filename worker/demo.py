@@ -13,7 +13,7 @@ from rich.console import Console
 from producer.cli import print_results, wait_for
 from producer.client import Client
 from worker.config import DEFAULT_MODEL
-from worker.loading import ModelUnavailable, locate_checkpoint, load_clip
+from worker.loading import ModelUnavailable, load_clip, locate_checkpoint
 from worker.processes import RedisServer, WorkerProcess
 from worker.random_clip import build_full_size_clip
 

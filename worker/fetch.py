@@ -63,14 +63,10 @@ class Fetcher:
     def _local(self, raw_path: str) -> bytes:
         path = Path(raw_path)
         if not self.policy.local_roots:
-            raise JobError(
-                ErrorCode.FORBIDDEN_PATH, "local paths are disabled (set CLIPTAG_LOCAL_ROOTS)"
-            )
+            raise JobError(ErrorCode.FORBIDDEN_PATH, "local paths are disabled (set CLIPTAG_LOCAL_ROOTS)")
         resolved = path.resolve()
         if not any(resolved.is_relative_to(root) for root in self.policy.local_roots):
-            raise JobError(
-                ErrorCode.FORBIDDEN_PATH, f"{shorten(raw_path)!r} is outside CLIPTAG_LOCAL_ROOTS"
-            )
+            raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shorten(raw_path)!r} is outside CLIPTAG_LOCAL_ROOTS")
         try:
             info = resolved.stat()
         except FileNotFoundError:

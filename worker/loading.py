@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, PreTra
 
 from producer.contract import ModelInfo
 from producer.errors import CliptagError
+from worker.config import DEFAULT_CACHE_DIR
 
 COMPLETE_MARKER = ".cliptag-complete"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -112,7 +113,9 @@ def locate_checkpoint(source: str, *, cache_dir: Path, s3_endpoint_url: str | No
     if Path(source).is_dir():
         return source, f"the local directory {source}"
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    where = "the Hugging Face cache only (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub and cache"
+    where = (
+        "the Hugging Face cache only (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub and cache"
+    )
     return source, f"{where} for hub id {source!r}"
 
 
@@ -121,7 +124,7 @@ def load_clip(
     *,
     device: str = "",
     dtype: str = "",
-    cache_dir: Path = Path.home() / ".cache" / "cliptag" / "models",
+    cache_dir: Path = DEFAULT_CACHE_DIR,
     s3_endpoint_url: str | None = None,
 ) -> LoadedModel:
     """Load model, tokenizer and image processor config from ``source``.

@@ -151,7 +151,10 @@ class Pipeline:
                 timings_ms={"inference": round(output.inference_ms, 3)},
             )
         pending = [self._io.submit(self._prepare_and_submit, ref, prompts) for ref in job.references]
-        items = [self._finish_item(job, ref, future, labels) for ref, future in zip(job.references, pending, strict=True)]
+        items = [
+            self._finish_item(job, ref, future, labels)
+            for ref, future in zip(job.references, pending, strict=True)
+        ]
         for item in items:
             if queue_wait_ms is not None:
                 item.timings_ms["queue_wait"] = round(queue_wait_ms, 3)

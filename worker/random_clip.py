@@ -36,7 +36,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
         vocab.setdefault(token, len(vocab))
     merges: list[tuple[str, str]] = []
     for word in TINY_WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        symbols = [*list(word[:-1]), word[-1] + "</w>"]
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
             merged = pair[0] + pair[1]

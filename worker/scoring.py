@@ -68,4 +68,6 @@ def encode_embedding(
 ) -> EncodedEmbedding:
     """A normalized embedding as base64 of little-endian ``dtype`` values."""
     values = embedding.detach().cpu().numpy().astype(np.dtype(dtype).newbyteorder("<"))
-    return EncodedEmbedding(dtype=dtype, dim=int(values.shape[0]), b64=base64.b64encode(values.tobytes()).decode())
+    return EncodedEmbedding(
+        dtype=dtype, dim=int(values.shape[0]), b64=base64.b64encode(values.tobytes()).decode()
+    )
