@@ -15,6 +15,7 @@ from PIL import Image
 
 from producer.client import Client
 from producer.config import QueueSettings
+from tests.servers import HttpServer, MotoS3Server
 from worker.processes import RedisServer, WorkerProcess
 from worker.random_clip import build_tiny_clip
 
@@ -93,3 +94,17 @@ def start_worker(
 def client(redis_server: RedisServer, queue_name: str) -> Iterator[Client]:
     with Client(settings=QueueSettings(redis_url=redis_server.url, queue=queue_name)) as producer:
         yield producer
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoS3Server]:
+    """moto's S3 API over real HTTP, shared by the session; tests use buckets of their own."""
+    with MotoS3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def http_server() -> Iterator[HttpServer]:
+    """A real HTTP server on 127.0.0.1 whose ``routes`` each test sets."""
+    with HttpServer() as server:
+        yield server

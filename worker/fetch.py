@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +25,47 @@ class FetchPolicy:
     Attributes:
         max_bytes: the largest image accepted, downloaded or read.
         local_roots: resolved directories that local paths must lie under.
+        allowed_hosts: host names (lower case) exempt from the private-address guard.
+        allow_private: turn the private-address guard off (development only).
     """
 
     max_bytes: int = 20 * 1024 * 1024
     local_roots: tuple[Path, ...] = ()
+    allowed_hosts: frozenset[str] = frozenset()
+    allow_private: bool = False
+
+
+def is_public_address(address: str) -> bool:
+    """False for loopback, private, link-local (cloud metadata), multicast, reserved, unspecified."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def guard_url(url: str, policy: FetchPolicy) -> None:
+    """Refuse ``url`` unless its host resolves only to public addresses or is allowlisted.
+
+    Raises:
+        JobError: ``forbidden_host`` naming the host, or ``fetch_failed`` when it does not resolve.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise JobError(ErrorCode.INVALID_REQUEST, f"{shorten(url)!r} has no host")
+    if policy.allow_private or host in policy.allowed_hosts:
+        return
+    try:
+        infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise JobError(ErrorCode.FETCH_FAILED, f"host {shorten(host)!r} does not resolve") from None
+    for *_, sockaddr in infos:
+        if not is_public_address(str(sockaddr[0])):
+            raise JobError(
+                ErrorCode.FORBIDDEN_HOST,
+                f"host {shorten(host)!r} resolves to non-public address {sockaddr[0]} "
+                "(allow it with CLIPTAG_ALLOWED_HOSTS)",
+            )
 
 
 class Fetcher:

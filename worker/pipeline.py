@@ -59,7 +59,12 @@ class Prepared:
 
 def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
     """The fetch limits ``settings`` configure."""
-    return FetchPolicy(max_bytes=settings.max_image_bytes, local_roots=settings.local_root_paths)
+    return FetchPolicy(
+        max_bytes=settings.max_image_bytes,
+        local_roots=settings.local_root_paths,
+        allowed_hosts=settings.allowed_host_set,
+        allow_private=settings.allow_private_hosts,
+    )
 
 
 def _elapsed_ms(since: float) -> float:
