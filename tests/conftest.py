@@ -64,12 +64,19 @@ def start_worker(
     """Start ``cliptag worker`` subprocesses on this test's queue; all are stopped afterwards.
 
     Keyword arguments become ``CLIPTAG_*`` variables (``max_batch=4`` → ``CLIPTAG_MAX_BATCH=4``);
-    ``args`` are extra ``cliptag worker`` arguments.
+    ``env`` holds other variables verbatim (``s3_server.env``, say); ``args`` are extra
+    ``cliptag worker`` arguments.
     """
     started: list[WorkerProcess] = []
 
-    def start(*, args: tuple[str, ...] = (), wait: bool = True, **settings: object) -> WorkerProcess:
-        env = {
+    def start(
+        *,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        **settings: object,
+    ) -> WorkerProcess:
+        variables = {
             "CLIPTAG_REDIS_URL": redis_server.url,
             "CLIPTAG_MODEL": str(tiny_clip),
             "CLIPTAG_QUEUE": queue_name,
@@ -78,9 +85,10 @@ def start_worker(
             "CLIPTAG_MAX_BATCH": "8",
             "CLIPTAG_EXACT_PREPROCESS": "1",
         }
-        env.update({f"CLIPTAG_{key.upper()}": str(value) for key, value in settings.items()})
+        variables.update({f"CLIPTAG_{key.upper()}": str(value) for key, value in settings.items()})
+        variables.update(env or {})
         log_path = tmp_path / f"worker-{len(started)}.log"
-        process = WorkerProcess(env, log_path=log_path, args=args)
+        process = WorkerProcess(variables, log_path=log_path, args=args)
         started.append(process)
         return process.start() if wait else process
 

@@ -1,0 +1,62 @@
+"""Model sources through the production loading path: local directory, s3:// prefix, unavailable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.loading import ModelUnavailable, load_clip
+
+
+def test_s3_prefix_is_downloaded_once_and_served(
+    start_worker, client, s3_server, tiny_clip, image_dir, tmp_path
+):
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="models")
+    for path in tiny_clip.iterdir():
+        s3.upload_file(str(path), "models", f"clip/tiny/{path.name}")
+    cache = tmp_path / "model-cache"
+    start_worker(model="s3://models/clip/tiny", model_cache_dir=cache, env=s3_server.env)
+    result = client.submit(str(image_dir / "cat.jpg"), ["cat", "dog"]).result(timeout=60)
+    assert result.status == "ok"
+    assert result.model.id == "s3://models/clip/tiny"
+    downloaded = cache / "models" / "clip" / "tiny"
+    assert {p.name for p in tiny_clip.iterdir()} <= {p.name for p in downloaded.iterdir()}
+    assert (downloaded / ".cliptag-complete").exists()
+
+
+def test_input_size_comes_from_the_checkpoint(tiny_clip: Path):
+    loaded = load_clip(str(tiny_clip), device="cpu")
+    assert loaded.processor.crop_size.height == loaded.model.config.vision_config.image_size == 64
+
+
+def test_unavailable_model_stops_worker_with_one_clear_line(redis_server, tmp_path):
+    env = {
+        "CLIPTAG_REDIS_URL": redis_server.url,
+        "CLIPTAG_MODEL": "openai/clip-vit-base-patch32",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "empty-hf-home"),
+        "CLIPTAG_DEVICE": "cpu",
+    }
+    finished = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "worker"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode != 0
+    lines = [line for line in finished.stderr.splitlines() if line.startswith("cliptag worker:")]
+    assert len(lines) == 1
+    assert "openai/clip-vit-base-patch32" in lines[0]
+    assert "HF_HUB_OFFLINE" in lines[0]
+    assert "Fix:" in lines[0]
+
+
+def test_missing_local_directory_is_named():
+    with pytest.raises(ModelUnavailable, match="/no/such/model"):
+        load_clip("/no/such/model", device="cpu")
