@@ -1,0 +1,138 @@
+"""``cliptag submit`` as a user runs it: single images, directories, s3:// prefixes, bulk jobs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from producer.backfill import expand_sources
+from producer.client import Client
+
+
+def run_cli(
+    *args: str, redis_url: str, queue: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    variables = {**os.environ, "CLIPTAG_REDIS_URL": redis_url, "CLIPTAG_QUEUE": queue, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def nested_dir(image_dir: Path) -> Path:
+    """image_dir plus a sub-directory with two more images and a non-image file."""
+    sub = image_dir / "sub"
+    sub.mkdir()
+    Image.new("RGB", (120, 80), (0, 0, 255)).save(sub / "blue.png")
+    Image.new("L", (50, 50), 128).save(sub / "gray.jpg")
+    (sub / "notes.txt").write_text("not an image")
+    return image_dir
+
+
+def test_submit_wait_json_prints_one_result_per_image(
+    start_worker, redis_server, queue_name, image_dir: Path
+):
+    start_worker()
+    images = [str(image_dir / "cat.jpg"), str(image_dir / "rocket.jpg")]
+    done = run_cli(
+        "submit",
+        *images,
+        "--labels",
+        "cat,rocket",
+        "--wait",
+        "--json",
+        redis_url=redis_server.url,
+        queue=queue_name,
+    )
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["image"] for r in results] == images
+    assert all(
+        r["status"] == "ok" and {s["label"] for s in r["scores"]} == {"cat", "rocket"} for r in results
+    )
+
+
+def test_directory_backfill_in_bulk_jobs_resumes_from_its_record(
+    start_worker, redis_server, queue_name, nested_dir: Path, tmp_path: Path
+):
+    start_worker()
+    record = tmp_path / "submitted.jsonl"
+    common = ("--labels", "cat,dog", "--bulk-size", "3", "--record", str(record), "--wait", "--json")
+    first = run_cli("submit", str(nested_dir), *common, redis_url=redis_server.url, queue=queue_name)
+    assert first.returncode == 0, first.stderr
+    top_level = sorted(str(p.resolve()) for p in nested_dir.iterdir() if p.is_file())
+    results = [json.loads(line) for line in first.stdout.splitlines()]
+    items = [item for result in results for item in result["items"]]
+    assert sorted(item["image"] for item in items) == top_level
+    assert all(item["status"] == "ok" for item in items)
+    assert len(results) == -(-len(top_level) // 3)
+
+    everything = run_cli(
+        "submit", str(nested_dir), "--recursive", *common, redis_url=redis_server.url, queue=queue_name
+    )
+    assert everything.returncode == 0, everything.stderr
+    new_items = [item for line in everything.stdout.splitlines() for item in json.loads(line)["items"]]
+    assert sorted(item["image"] for item in new_items) == sorted(
+        str((nested_dir / "sub" / name).resolve()) for name in ("blue.png", "gray.jpg")
+    )
+    assert f"skipped {len(top_level)} images" in everything.stderr
+    recorded = [json.loads(line) for line in record.read_text().splitlines()]
+    assert sum(len(entry["images"]) for entry in recorded) == len(top_level) + 2
+
+
+def test_s3_prefix_backfill_lists_with_the_paginator(
+    start_worker, redis_server, queue_name, s3_server, image_dir, monkeypatch
+):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="uploads")
+    for index in range(5):
+        s3.upload_file(str(image_dir / "cat.jpg"), "uploads", f"2024/06/img-{index}.jpg")
+    s3.upload_file(str(image_dir / "coffee.jpg"), "uploads", "2024/06/deeper/coffee.jpg")
+    s3.put_object(Bucket="uploads", Key="2024/06/readme.txt", Body=b"text")
+    listed = list(
+        expand_sources(["s3://uploads/2024/06/"], recursive=False, s3_endpoint_url=s3_server.endpoint_url)
+    )
+    assert listed == [f"s3://uploads/2024/06/img-{i}.jpg" for i in range(5)]
+
+    start_worker(env=s3_server.env)
+    done = run_cli(
+        "submit",
+        "s3://uploads/2024/06/",
+        "--recursive",
+        "--labels",
+        "cat,cup",
+        "--wait",
+        "--json",
+        redis_url=redis_server.url,
+        queue=queue_name,
+        env=s3_server.env,
+    )
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == 6
+    assert all(r["status"] == "ok" for r in results)
+    assert "s3://uploads/2024/06/deeper/coffee.jpg" in {r["image"] for r in results}
+
+
+def test_bulk_job_scores_equal_single_jobs(start_worker, client: Client, image_dir: Path):
+    start_worker(max_wait_ms=500)
+    images = [str(image_dir / name) for name in ("cat.jpg", "coffee.jpg", "red-tall.png")]
+    bulk = next(client.submit_many(images, ["cat", "cup"], bulk_size=10)).result(timeout=60)
+    singles = [job.result(timeout=60) for job in client.submit_many(images, ["cat", "cup"])]
+    assert [item.image for item in bulk.items] == images
+    for item, single in zip(bulk.items, singles, strict=True):
+        for mine, theirs in zip(item.scores, single.scores, strict=True):
+            assert mine.label == theirs.label
+            assert mine.score == pytest.approx(theirs.score, abs=1e-6)
