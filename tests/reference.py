@@ -25,6 +25,11 @@ class ReferenceClip:
         output = self.model(pixel_values=pixels, **tokens)
         return output.logits_per_image.softmax(dim=-1)[0].tolist()
 
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's temperature, ``exp(logit_scale)``, as ``logits_per_image`` applies it."""
+        return float(self.model.logit_scale.detach().exp())
+
     @torch.no_grad()
     def image_embedding(self, image_path: Path) -> torch.Tensor:
         pixels = self.processor(images=[Image.open(image_path)], return_tensors="pt")["pixel_values"]
