@@ -1,21 +1,31 @@
 """cliptag's producer side: the job/result contract, the client and the CLI.
 
-Importing it never imports torch or the worker.
+Importing it never imports torch or the worker. Names are loaded on first use, so the
+worker's engine modules can use ``producer.errors`` on a host without Celery or pydantic.
 """
 
-from producer.client import Client, Job
-from producer.contract import JobRequest, JobResult, parse_job
-from producer.errors import CliptagError, ErrorCode, JobError, JobFailed, JobTimeout
+from __future__ import annotations
 
-__all__ = [
-    "Client",
-    "CliptagError",
-    "ErrorCode",
-    "Job",
-    "JobError",
-    "JobFailed",
-    "JobRequest",
-    "JobResult",
-    "JobTimeout",
-    "parse_job",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "Client": "producer.client",
+    "Job": "producer.client",
+    "JobRequest": "producer.contract",
+    "JobResult": "producer.contract",
+    "parse_job": "producer.contract",
+    "CliptagError": "producer.errors",
+    "ErrorCode": "producer.errors",
+    "JobError": "producer.errors",
+    "JobFailed": "producer.errors",
+    "JobTimeout": "producer.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'producer' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerBase
 
-from producer.contract import ModelInfo
 from producer.errors import CliptagError
-from worker.config import DEFAULT_CACHE_DIR
 
 COMPLETE_MARKER = ".cliptag-complete"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "cliptag" / "models"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -34,13 +32,15 @@ class LoadedModel:
         model: the ``CLIPModel`` in eval mode on ``device`` in ``dtype``.
         tokenizer: the checkpoint's tokenizer.
         processor: the checkpoint's image processor config, as ``CLIPImageProcessorPil``.
-        info: the id (and revision, when known) reported in every result.
+        source: the configured model source, reported as the model id in every result.
+        revision: the hub commit, when known.
     """
 
     model: CLIPModel
     tokenizer: PreTrainedTokenizerBase
     processor: CLIPImageProcessorPil
-    info: ModelInfo
+    source: str
+    revision: str | None
     device: torch.device
     dtype: torch.dtype
 
@@ -152,12 +152,13 @@ def load_clip(
             "save_pretrained() checkpoint"
         ) from None
     model.eval().to(torch_device)
-    revision: Any = getattr(model.config, "_commit_hash", None)
+    revision = getattr(model.config, "_commit_hash", None)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         processor=processor,
-        info=ModelInfo(id=source, revision=revision),
+        source=source,
+        revision=revision,
         device=torch_device,
         dtype=torch_dtype,
     )

@@ -116,34 +116,53 @@ class WorkerProcess:
         env: ``CLIPTAG_*`` settings for it, on top of this process's environment.
         log_path: where its stdout and stderr go.
         args: more ``cliptag worker`` arguments.
+        command: the Python arguments to run instead of ``-m producer.cli worker``
+            (another Celery app, for the benchmarks' bare no-op worker).
     """
 
     READY_MARK = "ready."
 
-    def __init__(self, env: Mapping[str, str], *, log_path: Path, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        log_path: Path,
+        args: tuple[str, ...] = (),
+        command: tuple[str, ...] = ("-m", "producer.cli", "worker"),
+    ) -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.args = args
+        self.command = command
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, timeout: float = 180.0) -> WorkerProcess:
         """Start it and return once Celery reports ready (the model is loaded by then)."""
         self._log = self.log_path.open("ab")
+        self._log_start = self._log.tell()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", *self.args],
+            [sys.executable, *self.command, *self.args],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
-        while self.READY_MARK not in self.log_text():
+        while self.READY_MARK not in self._output_since_start():
             if self.process.poll() is not None:
+                self._log.close()
                 raise ProcessError(f"worker exited with {self.process.returncode}: {self.log_tail()}")
             if time.monotonic() > deadline:
+                self.kill()
+                self._log.close()
                 raise ProcessError(f"worker not ready after {timeout} s: {self.log_tail()}")
             time.sleep(0.1)
         return self
+
+    def _output_since_start(self) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,361 @@
+"""Throughput of cliptag, measured side by side in one run (see docs/benchmarks.md).
+
+Parts (``--parts``, comma-separated; default all):
+
+* ``tower``     the image tower alone on ready tensors at the worker's batch size;
+* ``inprocess`` decode + preprocess + forward + scoring in one process, no queue
+                (JPEG draft decode on a thread pool, labels encoded once);
+* ``naive``     per image: reference preprocessing, a batch-1 forward of both towers,
+                the labels re-encoded every time;
+* ``e2e``       N single-image jobs through the producer client, a real Redis and a real
+                ``cliptag worker`` subprocess, first submit to last result;
+* ``overhead``  the same with the tiny test model (inference nearly free) against a bare
+                Celery no-op task on the same Redis, in jobs/s; bulk against single jobs;
+* ``latency``   p50/p95 of one job at a time on an idle worker.
+
+The model is a full-size ViT-B/32 (the default ``CLIPConfig``) with random weights, saved to
+``--workdir`` and loaded through the production path: it costs what the real one costs.
+
+``tower``, ``inprocess`` and ``naive`` import only torch, transformers, pillow, numpy and
+cliptag's engine modules, so they run on a bare GPU host with ``PYTHONPATH=.``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from worker.decode import decode_image
+from worker.engine import ClipEngine
+from worker.loading import LoadedModel, load_clip
+from worker.preprocess import ImageTransform, make_transform
+from worker.random_clip import build_full_size_clip, build_tiny_clip
+
+SAMPLES = Path(__file__).resolve().parent.parent / "worker" / "samples"
+SIZES = ((640, 480), (1920, 1080))
+LABEL_SETS = (
+    ("cat", "dog", "car", "cup", "rocket"),
+    ("person", "a photo", "the dog", "cup", "cat"),
+    ("rocket", "car", "dog", "person", "cup"),
+)
+ALL_PARTS = ("tower", "inprocess", "naive", "e2e", "overhead", "latency")
+
+
+def prompts(labels: Sequence[str]) -> list[str]:
+    return [f"a photo of a {label}." for label in labels]
+
+
+def make_images(directory: Path, count: int) -> list[Path]:
+    """``count`` JPEGs of realistic sizes (the sample photos scaled to 640×480 and 1920×1080)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    sources = sorted(SAMPLES.glob("*.jpg"))
+    paths = []
+    for index in range(count):
+        size = SIZES[index % len(SIZES)]
+        path = directory / f"img-{index:05d}-{size[0]}x{size[1]}.jpg"
+        if not path.exists():
+            Image.open(sources[index % len(sources)]).convert("RGB").resize(size).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@contextmanager
+def timed() -> Iterator[Callable[[], float]]:
+    started = time.perf_counter()
+    finished: list[float] = []
+    yield lambda: finished[0] - started
+    finished.append(time.perf_counter())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_tower(engine: ClipEngine, *, batch: int, batches: int) -> float:
+    """Images/s of the image tower alone on ready, normalized tensors."""
+    height = width = engine.model.config.vision_config.image_size
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, height, width)).astype(np.float32)
+    engine.image_embeddings(pixels)
+    sync(engine.device)
+    with timed() as elapsed:
+        for _ in range(batches):
+            engine.image_embeddings(pixels)
+        sync(engine.device)
+    return batch * batches / elapsed()
+
+
+def bench_inprocess(
+    engine: ClipEngine, transform: ImageTransform, files: Sequence[Path], *, batch: int, threads: int
+) -> float:
+    """Images/s from JPEG bytes to per-image label scores, decode overlapped with the model."""
+    from worker.scoring import label_scores
+
+    encoded = [path.read_bytes() for path in files]
+    label_rows = [engine.text_embeddings(prompts(labels)) for labels in LABEL_SETS]
+
+    def prepare(data: bytes) -> np.ndarray:
+        return transform(decode_image(data, max_pixels=10**9, draft_size=transform.draft_size))
+
+    with ThreadPoolExecutor(threads) as pool, timed() as elapsed:
+        pending = [pool.submit(prepare, data) for data in encoded]
+        for start in range(0, len(pending), batch):
+            pixels = np.stack([future.result() for future in pending[start : start + batch]])
+            embeddings = engine.image_embeddings(pixels)
+            for offset, embedding in enumerate(embeddings):
+                rows = label_rows[(start + offset) % len(label_rows)]
+                label_scores(embedding, rows, engine.logit_scale, mode="softmax").argmax()
+    return len(files) / elapsed()
+
+
+def bench_naive(checkpoint: str, files: Sequence[Path], *, device: torch.device, dtype: torch.dtype) -> float:
+    """Images/s of the textbook loop: one image, both towers, labels re-encoded each time."""
+    model = CLIPModel.from_pretrained(checkpoint, dtype=dtype).eval().to(device)
+    processor = CLIPImageProcessorPil.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    with torch.inference_mode(), timed() as elapsed:
+        for index, path in enumerate(files):
+            pixels = processor(images=[Image.open(path)], return_tensors="pt")["pixel_values"]
+            tokens = tokenizer(
+                prompts(LABEL_SETS[index % len(LABEL_SETS)]), padding=True, return_tensors="pt"
+            )
+            output = model(pixel_values=pixels.to(device, dtype), **tokens.to(device))
+            output.logits_per_image.softmax(dim=-1).argmax().item()
+    return len(files) / elapsed()
+
+
+def idle_forward_ms(engine: ClipEngine, transform: ImageTransform, path: Path, *, repeats: int = 5) -> float:
+    """Median ms of fetch + decode + preprocess + a batch-1 forward, in process."""
+    times = []
+    for _ in range(repeats):
+        with timed() as elapsed:
+            data = path.read_bytes()
+            pixels = transform(decode_image(data, max_pixels=10**9, draft_size=transform.draft_size))
+            engine.image_embeddings(pixels[None])
+        times.append(elapsed() * 1000)
+    return statistics.median(times)
+
+
+class QueueBench:
+    """The parts that need Redis and worker subprocesses (imports Celery lazily)."""
+
+    def __init__(self, workdir: Path, *, batch: int) -> None:
+        from worker.processes import RedisServer
+
+        self.workdir = workdir
+        self.batch = batch
+        self.redis = RedisServer(data_dir=Path(tempfile.mkdtemp(prefix="redis-", dir=workdir))).start()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    @contextmanager
+    def worker(self, model: str, queue: str, images: Path) -> Iterator[None]:
+        from worker.processes import WorkerProcess
+
+        env = {
+            "CLIPTAG_REDIS_URL": self.redis.url,
+            "CLIPTAG_MODEL": model,
+            "CLIPTAG_QUEUE": queue,
+            "CLIPTAG_LOCAL_ROOTS": str(images),
+            "CLIPTAG_MAX_BATCH": str(self.batch),
+            "CLIPTAG_DEVICE": "cpu",
+        }
+        with WorkerProcess(env, log_path=self.workdir / f"worker-{queue}.log"):
+            yield
+
+    def client(self, queue: str):
+        from producer.client import Client
+
+        return Client(self.redis.url, queue=queue)
+
+    def jobs_per_second(self, model: str, queue: str, files: Sequence[Path]) -> float:
+        """Single-image jobs/s, from the first submit to the last result."""
+        with self.worker(model, queue, files[0].parent), self.client(queue) as client:
+            with timed() as elapsed:
+                jobs = [client.submit(str(p), list(LABEL_SETS[i % 3])) for i, p in enumerate(files)]
+                for job in jobs:
+                    job.result(timeout=600)
+            return len(files) / elapsed()
+
+    def bulk_images_per_second(self, model: str, queue: str, files: Sequence[Path], *, bulk: int) -> float:
+        with self.worker(model, queue, files[0].parent), self.client(queue) as client:
+            with timed() as elapsed:
+                jobs = list(client.submit_many([str(p) for p in files], list(LABEL_SETS[0]), bulk_size=bulk))
+                for job in jobs:
+                    job.result(timeout=600)
+            return len(files) / elapsed()
+
+    def noop_per_second(self, queue: str, count: int) -> float:
+        """A bare Celery task on the same Redis, pool and concurrency: the framework's ceiling."""
+        from worker.processes import WorkerProcess
+
+        env = {"CLIPTAG_REDIS_URL": self.redis.url, "CLIPTAG_QUEUE": queue, "PYTHONPATH": str(Path.cwd())}
+        command = (
+            "-m",
+            "celery",
+            "-A",
+            "bench.noop_app",
+            "worker",
+            "--pool=threads",
+            f"--concurrency={2 * self.batch}",
+            f"--queues={queue}",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=INFO",
+        )
+        with (
+            WorkerProcess(env, log_path=self.workdir / "noop.log", command=command),
+            self.client(queue) as client,
+        ):
+            with timed() as elapsed:
+                results = [
+                    client.celery.send_task("bench.noop", args=[{"job_id": f"n{i}"}], queue=queue)
+                    for i in range(count)
+                ]
+                for result in results:
+                    result.get(timeout=600)
+            return count / elapsed()
+
+    def latencies_ms(self, model: str, queue: str, path: Path, *, count: int) -> list[float]:
+        """One job at a time on an idle worker, submit to result."""
+        with self.worker(model, queue, path.parent), self.client(queue) as client:
+            client.submit(str(path), list(LABEL_SETS[0])).result(timeout=600)
+            latencies = []
+            for _ in range(count):
+                time.sleep(0.2)
+                with timed() as elapsed:
+                    client.submit(str(path), list(LABEL_SETS[0])).result(timeout=600)
+                latencies.append(elapsed() * 1000)
+            return latencies
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--parts", default=",".join(ALL_PARTS), help="comma-separated parts to run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--dtype", default="", help="float32, float16 or bfloat16 (default: fp16 on CUDA)")
+    parser.add_argument("--batch", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--images", type=int, default=128, help="images for inprocess and e2e (default 128)")
+    parser.add_argument("--naive-images", type=int, default=32, help="images for the naive loop (default 32)")
+    parser.add_argument("--tower-batches", type=int, default=4, help="timed batches for tower (default 4)")
+    parser.add_argument(
+        "--overhead-jobs", type=int, default=600, help="jobs for the overhead part (default 600)"
+    )
+    parser.add_argument("--bulk-size", type=int, default=100, help="images per bulk job (default 100)")
+    parser.add_argument("--latency-jobs", type=int, default=15, help="jobs for the latency part (default 15)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 2, help="decode threads (default: cores)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(__file__).parent / ".cache", help="models, images"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    parts = set(args.parts.split(","))
+    unknown = parts - set(ALL_PARTS)
+    if unknown:
+        raise SystemExit(f"unknown parts: {', '.join(sorted(unknown))} (known: {', '.join(ALL_PARTS)})")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    full = args.workdir / "vit-b-32-random"
+    if not (full / "config.json").exists():
+        build_full_size_clip(full)
+    files = make_images(args.workdir / "images", args.images)
+    figures: dict[str, float] = {}
+    loaded: LoadedModel = load_clip(str(full), device=args.device, dtype=args.dtype)
+    engine = ClipEngine(loaded)
+    transform = make_transform(loaded.processor, exact=False)
+    dtype_name = str(loaded.dtype).removeprefix("torch.")
+    print(
+        f"# cliptag throughput — {loaded.device} {dtype_name}, batch {args.batch}, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPU threads",
+        flush=True,
+    )
+
+    def report(name: str, value: float, unit: str = "img/s") -> None:
+        figures[name] = value
+        print(f"{name:<34} {value:10.2f} {unit}", flush=True)
+
+    if "tower" in parts:
+        report("1 tower ceiling", bench_tower(engine, batch=args.batch, batches=args.tower_batches))
+    if "inprocess" in parts:
+        report(
+            "2 in-process batched",
+            bench_inprocess(engine, transform, files, batch=args.batch, threads=args.threads),
+        )
+    if "naive" in parts:
+        naive = bench_naive(str(full), files[: args.naive_images], device=loaded.device, dtype=loaded.dtype)
+        report("3 naive per-image", naive)
+    if parts & {"e2e", "overhead", "latency"}:
+        queue_bench = QueueBench(args.workdir, batch=args.batch)
+        try:
+            if "e2e" in parts:
+                report("4 end to end (worker)", queue_bench.jobs_per_second(str(full), "e2e", files))
+            if "overhead" in parts:
+                tiny = args.workdir / "tiny-clip"
+                if not (tiny / "config.json").exists():
+                    build_tiny_clip(tiny)
+                small = make_images(args.workdir / "small", args.overhead_jobs)
+                report("5 tiny model e2e", queue_bench.jobs_per_second(str(tiny), "tiny", small), "jobs/s")
+                report(
+                    "5 bare Celery no-op", queue_bench.noop_per_second("noop", args.overhead_jobs), "jobs/s"
+                )
+                report("5 tiny single jobs", figures["5 tiny model e2e"])
+                bulk = queue_bench.bulk_images_per_second(str(tiny), "bulk", small, bulk=args.bulk_size)
+                report("5 tiny bulk jobs", bulk)
+            if "latency" in parts:
+                latencies = queue_bench.latencies_ms(str(full), "latency", files[0], count=args.latency_jobs)
+                report("6 idle latency p50", percentile(latencies, 0.5), "ms")
+                report("6 idle latency p95", percentile(latencies, 0.95), "ms")
+                report("6 in-process batch-1 path", idle_forward_ms(engine, transform, files[0]), "ms")
+        finally:
+            queue_bench.close()
+    print_ratios(figures)
+
+
+def print_ratios(figures: dict[str, float]) -> None:
+    ratios = (
+        ("e2e / in-process", "4 end to end (worker)", "2 in-process batched", 0.90),
+        ("e2e / naive", "4 end to end (worker)", "3 naive per-image", 2.0),
+        ("in-process / tower", "2 in-process batched", "1 tower ceiling", None),
+        ("tiny e2e / Celery no-op", "5 tiny model e2e", "5 bare Celery no-op", 0.6),
+        ("bulk / single (tiny)", "5 tiny bulk jobs", "5 tiny single jobs", 5.0),
+        ("idle p50 - batch-1 path (ms)", "6 idle latency p50", "6 in-process batch-1 path", None),
+    )
+    print("# ratios", flush=True)
+    for name, top, bottom, target in ratios:
+        if top in figures and bottom in figures:
+            value = (
+                figures[top] - figures[bottom] if name.endswith("(ms)") else figures[top] / figures[bottom]
+            )
+            goal = "" if target is None else f"  (target ≥ {target})"
+            print(f"{name:<34} {value:10.2f}{goal}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
