@@ -140,7 +140,7 @@ def load_clip(
     torch_dtype = resolve_dtype(dtype, torch_device)
     location, tried = locate_checkpoint(source, cache_dir=cache_dir, s3_endpoint_url=s3_endpoint_url)
     try:
-        model = CLIPModel.from_pretrained(location, dtype=torch_dtype)
+        model = CLIPModel.from_pretrained(location, dtype=torch_dtype, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(location)
         processor = CLIPImageProcessorPil.from_pretrained(location)
     except (OSError, ValueError) as exc:

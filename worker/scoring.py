@@ -14,43 +14,8 @@ import torch
 
 from producer.contract import EmbeddingDtype, EncodedEmbedding, LabelScore, RankedText, ScoringMode
 
-MULTILABEL_CENTER = 0.25
-"""The cosine at which a multilabel score is 0.5 unless a job sets ``multilabel_center``.
-
-For ViT-B/32 with "a photo of a {}." a matching label typically reaches a cosine around
-0.3 with its image and an unrelated one stays near 0.2 or below; 0.25 sits between. It is a
-property of the model and the prompts, not a universal constant: calibrate it (or the
-threshold) on your own images."""
-
 DEFAULT_MULTILABEL_THRESHOLD = 0.5
 """Without a job ``threshold``, multilabel ``tags`` are the labels whose cosine reached the center."""
-
-
-def label_scores(
-    image_embedding: torch.Tensor,
-    label_embeddings: torch.Tensor,
-    logit_scale: float,
-    *,
-    mode: ScoringMode,
-    center: float | None = None,
-) -> torch.Tensor:
-    """One score per label row.
-
-    Args:
-        image_embedding: the image's normalized embedding, shape ``(D,)``.
-        label_embeddings: one normalized row per label, shape ``(L, D)``.
-        logit_scale: CLIP's learned temperature (``exp(logit_scale)``, 100 for ViT-B/32).
-        mode: ``softmax``: CLIP's softmax over ``logit_scale × cosine`` (scores sum to 1).
-            ``multilabel``: ``sigmoid(logit_scale × (cosine − center))`` per label, i.e.
-            the softmax between the label and a virtual "none of these" prompt whose
-            cosine is ``center``; each label's score is independent of the others.
-        center: the multilabel center; ``None`` is :data:`MULTILABEL_CENTER`.
-    """
-    cosines = label_embeddings @ image_embedding
-    if mode == "softmax":
-        return (logit_scale * cosines).softmax(dim=-1)
-    center = MULTILABEL_CENTER if center is None else center
-    return torch.sigmoid(logit_scale * (cosines - center))
 
 
 def rank_labels(
@@ -65,7 +30,7 @@ def rank_labels(
 
     Args:
         labels: the label of each score.
-        scores: from :func:`label_scores`.
+        scores: from :func:`worker.similarity.label_scores`.
         mode: the scoring mode, which decides the tags without a threshold.
         top_k: keep the best ``top_k`` scores; ``None`` keeps all (tags are never cut).
         threshold: the tags are the labels scoring at least this; ``None`` means the top

@@ -1,0 +1,66 @@
+"""The exact path is the reference bit for bit; the fast path stays within measured bounds."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+
+from worker.decode import decode_image
+from worker.preprocess import ExactTransform, FastTransform, ResizeSpec, make_transform
+
+SAMPLES = Path(__file__).resolve().parent.parent / "worker" / "samples"
+
+
+def jpeg_bytes(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(SAMPLES / "rocket.jpg").convert("RGB").resize(size).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def processor() -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil()
+
+
+def test_exact_transform_is_the_reference_bit_for_bit(processor):
+    image = Image.open(SAMPLES / "cat.jpg")
+    reference = processor(images=[image], return_tensors="np")["pixel_values"][0]
+    assert np.array_equal(
+        ExactTransform(processor)(decode_image((SAMPLES / "cat.jpg").read_bytes(), max_pixels=10**8)),
+        reference,
+    )
+
+
+def test_fast_transform_without_draft_matches_to_float_rounding(processor):
+    fast = make_transform(processor, exact=False)
+    assert isinstance(fast, FastTransform)
+    for sample in sorted(SAMPLES.glob("*.jpg")):
+        image = decode_image(sample.read_bytes(), max_pixels=10**8)
+        assert np.abs(fast(image) - ExactTransform(processor)(image)).max() < 1e-5
+
+
+def test_fast_transform_with_jpeg_draft_stays_close(processor):
+    fast = make_transform(processor, exact=False)
+    data = jpeg_bytes((1920, 1080))
+    drafted = decode_image(data, max_pixels=10**8, draft_size=fast.draft_size)
+    assert drafted.size == (960, 540)
+    difference = np.abs(fast(drafted) - ExactTransform(processor)(decode_image(data, max_pixels=10**8)))
+    assert difference.mean() < 0.01
+    assert difference.max() < 0.1
+
+
+def test_input_size_comes_from_the_processor_config():
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size=336)
+    pixels = make_transform(processor, exact=False)(Image.new("RGB", (500, 400)))
+    assert pixels.shape == (3, 336, 336)
+
+
+def test_unsupported_configs_fall_back_to_the_exact_path():
+    squashing = CLIPImageProcessorPil(size={"shortest_edge": 224, "longest_edge": 300})
+    assert ResizeSpec.from_processor(squashing) is None
+    assert isinstance(make_transform(squashing, exact=False), ExactTransform)
