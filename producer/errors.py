@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     FETCH_NOT_FOUND = "fetch_not_found"
     FETCH_TIMEOUT = "fetch_timeout"
     FETCH_FAILED = "fetch_failed"
+    FETCH_REFUSED = "fetch_refused"
     TOO_LARGE = "too_large"
     NOT_AN_IMAGE = "not_an_image"
     DECODE_FAILED = "decode_failed"
