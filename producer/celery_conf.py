@@ -13,9 +13,27 @@ WEBHOOK_TASK_NAME = "cliptag.deliver_webhook"
 WEBHOOK_QUEUE = "cliptag-webhooks"
 
 
+def redis_transport_options(visibility_timeout: int) -> dict[str, Any]:
+    """kombu Redis options that hand a dead worker's unacknowledged messages on quickly.
+
+    kombu restores a message unacknowledged for ``visibility_timeout`` seconds on its next
+    sweep; by default a sweep scans only every 10th tick of 10 s, which would add up to
+    100 s. Here every tick scans, ticks come every ``visibility_timeout / 6`` (at most 10 s),
+    and a sweeper that died holding the sweep mutex blocks others for at most the timeout:
+    recovery takes at most ``visibility_timeout`` plus one tick (100 s at the default 90 s).
+    Live workers keep their own messages from being restored (``worker.visibility``).
+    """
+    return {
+        "visibility_timeout": visibility_timeout,
+        "unacked_restore_interval": max(1, min(10, visibility_timeout // 6)),
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": visibility_timeout,
+    }
+
+
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
     """Celery settings for ``settings``; see the README's "Wire contract" for why each is set."""
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    transport = redis_transport_options(settings.visibility_timeout)
     return {
         "broker_url": settings.redis_url,
         "result_backend": settings.backend_url,
@@ -25,6 +43,8 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "result_expires": settings.result_ttl,
         "result_extended": True,
+        "result_cache_max": -1,  # `cliptag dlq retry` replaces results: never serve a cached one
+        "result_backend_always_retry": True,  # a result waits out a Redis outage, never lost
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,

@@ -17,13 +17,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from producer.backfill import SubmissionRecord, backfill_job_id, chunked, expand_sources
+from producer.cli_dlq import dlq_app
+from producer.cli_labels import labels_app
+from producer.cli_ops import register_ops
 from producer.client import Client, Job
 from producer.contract import DEFAULT_TEMPLATE, JobResult
 from producer.errors import CliptagError, JobTimeout
+from producer.labelsets import read_label_file
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Zero-shot image tagging with CLIP over Celery."
 )
+app.add_typer(labels_app, name="labels")
+app.add_typer(dlq_app, name="dlq")
 console = Console(stderr=True)
 
 RedisUrl = Annotated[
@@ -36,13 +43,12 @@ def read_labels(labels: str | None, label_file: Path | None) -> list[str]:
     """Labels from ``--labels a,b`` and/or ``--label-file`` (one per line, # comments)."""
     found = [part.strip() for part in (labels or "").split(",") if part.strip()]
     if label_file is not None:
-        lines = label_file.read_text(encoding="utf-8").splitlines()
-        found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        found += read_label_file(label_file)
     return found
 
 
-def progress_bar(total: int | None, description: str) -> Progress:
-    """A progress bar on a terminal; silent when stderr is not one."""
+def progress_bar() -> Progress:
+    """A progress bar on stderr when it is a terminal; silent otherwise."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -50,7 +56,6 @@ def progress_bar(total: int | None, description: str) -> Progress:
         TimeRemainingColumn(),
         console=console,
         disable=not console.is_terminal,
-        transient=False,
     )
 
 
@@ -79,7 +84,7 @@ def print_results(results: Iterable[JobResult], *, as_json: bool) -> None:
 def wait_for(jobs: list[Job], *, timeout: float | None) -> list[JobResult]:
     """Each job's result in order, with a progress bar on a terminal."""
     results = []
-    with progress_bar(len(jobs), "waiting") as progress:
+    with progress_bar() as progress:
         task = progress.add_task("waiting", total=len(jobs))
         for job in jobs:
             results.append(job.result(timeout=timeout, raise_on_error=False))
@@ -89,28 +94,48 @@ def wait_for(jobs: list[Job], *, timeout: float | None) -> list[JobResult]:
 
 @app.command()
 def submit(
-    images: Annotated[list[str], typer.Argument(help="Image references: paths, https:// or s3:// URLs.")],
+    images: Annotated[
+        list[str],
+        typer.Argument(help="Image references (paths, https://, s3://), directories, or s3://bucket/prefix/."),
+    ],
     labels: Annotated[str | None, typer.Option(help="Comma-separated labels.")] = None,
     label_file: Annotated[Path | None, typer.Option(help="File with one label per line.")] = None,
     template: Annotated[str, typer.Option(help="Prompt template with {} for the label.")] = DEFAULT_TEMPLATE,
     top_k: Annotated[int | None, typer.Option(help="Keep the best K scores.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Tag labels scoring at least this.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subfolders.")] = False,
+    bulk_size: Annotated[int, typer.Option(help="Images per bulk job (1: one job per image).")] = 1,
+    record: Annotated[
+        Path | None, typer.Option(help="JSON-lines record of submitted jobs; a rerun skips what it holds.")
+    ] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue to send to (e.g. cliptag-bulk).")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for and print the results.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each result.")] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    s3_endpoint_url: Annotated[
+        str | None, typer.Option(envvar="CLIPTAG_S3_ENDPOINT_URL", help="S3-compatible endpoint for listing.")
+    ] = None,
     redis_url: RedisUrl = None,
 ) -> None:
-    """Enqueue images for tagging; with --wait, print one result per image."""
-    label_list = read_labels(labels, label_file)
-    options = {"template": template, "top_k": top_k, "threshold": threshold}
-    options = {k: v for k, v in options.items() if v is not None}
-    with Client(redis_url) as client:
-        jobs = []
-        with progress_bar(len(images), "submitting") as progress:
-            task = progress.add_task("submitting", total=len(images))
-            for job in client.submit_many(images, label_list, **options):
+    """Enqueue images for tagging (directories and s3:// prefixes for backfills); --wait prints results."""
+    options: dict[str, object] = {"labels": read_labels(labels, label_file), "template": template}
+    options.update({k: v for k, v in {"top_k": top_k, "threshold": threshold}.items() if v is not None})
+    references = expand_sources(images, recursive=recursive, s3_endpoint_url=s3_endpoint_url)
+    with Client(redis_url, queue=queue) as client, SubmissionRecord(record) as submitted:
+        skipped = len(submitted.done)
+        jobs: list[Job] = []
+        with progress_bar() as progress:
+            task = progress.add_task("submitting", total=None)
+            for chunk in chunked((r for r in references if r not in submitted.done), bulk_size):
+                document = {"images": chunk} if bulk_size > 1 else {"image": chunk[0]}
+                if record is not None:
+                    document["job_id"] = backfill_job_id(chunk, options)
+                job = client.submit_job({**document, **options})
+                submitted.add(job.id, chunk)
                 jobs.append(job)
-                progress.advance(task)
+                progress.advance(task, len(chunk))
+        if skipped:
+            console.print(f"skipped {skipped} images already in {record}")
         if not wait:
             for job in jobs:
                 sys.stdout.write(job.id + "\n")
@@ -127,11 +152,27 @@ def worker(
     ctx: typer.Context,
     queues: Annotated[str, typer.Option("--queues", "-Q", help="Queues to consume, comma-separated.")] = "",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: CLIPTAG_DEVICE, else CUDA if any).")
+    ] = None,
+    gpus: Annotated[
+        str | None, typer.Option(help="Supervise one worker per GPU: 'all' or indices like 0,1,3.")
+    ] = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Supervise this many workers on --device (CPU hosts).")
+    ] = 1,
 ) -> None:
-    """Run a Celery worker (extra arguments go to Celery)."""
+    """Run a Celery worker (extra arguments go to Celery); --gpus runs one per GPU, supervised."""
     from worker.cli import run_worker
 
-    run_worker(queues=queues, loglevel=loglevel, extra_args=list(ctx.args))
+    run_worker(
+        queues=queues,
+        loglevel=loglevel,
+        extra_args=list(ctx.args),
+        device=device,
+        gpus=gpus,
+        processes=processes,
+    )
 
 
 @app.command()
@@ -145,11 +186,14 @@ def demo(
     run_demo(redis_url=redis_url, model=model)
 
 
+register_ops(app)
+
+
 def main() -> None:
     try:
         app()
     except CliptagError as exc:
-        console.print(f"[red]cliptag: {exc}")
+        console.print(f"[red]cliptag: {exc}", soft_wrap=True)  # one line, however long
         raise SystemExit(1) from None
 
 

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
+import redis
 from celery.result import AsyncResult
 
-from producer.celery_conf import make_celery
+from producer.celery_conf import WEBHOOK_QUEUE, WEBHOOK_TASK_NAME, make_celery
 from producer.config import QueueSettings
 from producer.contract import TASK_NAME, JobRequest, JobResult, parse_job
-from producer.errors import ErrorCode, JobFailed, JobTimeout
+from producer.delivery import (
+    WebhookDelivery,
+    claim_key,
+    connect,
+    forget_delivery_state,
+    webhook_state_key,
+)
+from producer.dlq import DeadLetter, DeadLetterStore
+from producer.errors import ErrorCode, JobError, JobFailed, JobTimeout, shorten
 
 
 class Job:
@@ -99,8 +110,19 @@ class Client:
         self.settings = settings or QueueSettings(**overrides)
         self.celery = make_celery(self.settings, main="cliptag-producer")
 
+    @cached_property
+    def redis(self) -> redis.Redis:
+        """A client of the broker's Redis (claims, delivery state, dead letters)."""
+        return connect(self.settings.redis_url)
+
+    @property
+    def dead_letters(self) -> DeadLetterStore:
+        return DeadLetterStore(self.redis)
+
     def close(self) -> None:
         self.celery.close()
+        if "redis" in self.__dict__:
+            self.redis.close()
 
     def __enter__(self) -> Client:
         return self
@@ -113,20 +135,78 @@ class Client:
         return self.submit_job(_document({"image": image}, labels, options))
 
     def submit_job(self, job: JobRequest | dict[str, Any], *, queue: str | None = None) -> Job:
-        """Validate and enqueue a whole job document (any kind)."""
+        """Validate and enqueue a whole job document (any kind).
+
+        Idempotent by job id: while a job of the same id is pending or its result is kept
+        (``CLIPTAG_RESULT_TTL``), submitting it again enqueues nothing and returns a handle
+        on that job (the first submission's document is the one that runs).
+        """
         document = (
             job.model_dump(mode="json", exclude_none=True) if isinstance(job, JobRequest) else dict(job)
         )
         document.setdefault("submitted_at", time.time())
         request = parse_job(document, max_labels=self.settings.max_labels)
-        payload = request.model_dump(mode="json", exclude_none=True)
+        target = queue or self.settings.queue
+        key = claim_key(request.job_id)
+        if self.redis.set(key, target, nx=True, ex=self.settings.result_ttl):
+            try:
+                self._send(request, target)
+            except BaseException:
+                self.redis.delete(key)
+                raise
+        return Job(self, request.job_id, request)
+
+    def _send(self, request: JobRequest, queue: str) -> None:
         self.celery.send_task(
             TASK_NAME,
-            args=[payload],
+            args=[request.model_dump(mode="json", exclude_none=True)],
             task_id=request.job_id,
-            queue=queue or self.settings.queue,
+            queue=queue,
         )
-        return Job(self, request.job_id, request)
+
+    def requeue(self, letter: DeadLetter) -> None:
+        """Send a dead-lettered job (or webhook delivery) again, under its own job id.
+
+        A job letter runs again from scratch: its stored result, delivery counts and
+        webhook state are cleared first, so whoever waits on the id gets the new result.
+        A webhook letter is POSTed again with the result still in the backend. The letter
+        is removed; a new failure records a new one.
+
+        Raises:
+            JobError: ``invalid_request`` when the letter holds no valid job (a raw message).
+        """
+        if letter.kind == "webhook":
+            delivery = WebhookDelivery.model_validate(letter.job)
+            fresh = WebhookDelivery(job_id=delivery.job_id, webhook=delivery.webhook, queue=delivery.queue)
+            self.redis.set(webhook_state_key(fresh.job_id), "queued", ex=self.settings.result_ttl)
+            with self._unless_sent(letter):
+                self.celery.send_task(
+                    WEBHOOK_TASK_NAME, args=[fresh.model_dump(mode="json")], queue=WEBHOOK_QUEUE
+                )
+            return
+        if not isinstance(letter.job, dict):
+            raise JobError(
+                ErrorCode.INVALID_REQUEST,
+                f"dead letter {letter.job_id!r} holds no job document, only {shorten(letter.job, 60)!r}",
+            )
+        request = parse_job({**letter.job, "submitted_at": time.time()}, max_labels=self.settings.max_labels)
+        queue = letter.queue or self.settings.queue
+        AsyncResult(request.job_id, app=self.celery).forget()
+        forget_delivery_state(self.redis, request.job_id)
+        self.redis.set(claim_key(request.job_id), queue, ex=self.settings.result_ttl)
+        with self._unless_sent(letter):
+            self._send(request, queue)
+
+    @contextmanager
+    def _unless_sent(self, letter: DeadLetter) -> Iterator[None]:
+        """Remove ``letter`` before its job is sent (a quick new failure records a new one),
+        and put it back when sending fails."""
+        self.dead_letters.remove(letter.job_id, kind=letter.kind)
+        try:
+            yield
+        except BaseException:
+            self.dead_letters.add(letter)
+            raise
 
     def submit_many(
         self,

@@ -6,7 +6,9 @@ the queue). Everything here is plain JSON; see the README's "Wire contract" sect
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 import uuid
 from typing import Any, Literal
@@ -14,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from producer.errors import ErrorCode, JobError, shorten
+from producer.templates import expand_templates
 
 TASK_NAME = "cliptag.tag"
 QUEUE = "cliptag"
@@ -25,10 +28,15 @@ MAX_REFERENCE_CHARS = 4096
 MAX_INLINE_REFERENCE_CHARS = 1_500_000
 MAX_BULK_IMAGES = 10_000
 MAX_METADATA_BYTES = 16_384
+MAX_PROMPTS_PER_LABEL = 100
+MAX_PROMPTS_PER_JOB = 20_000
+"""Prompts one job may have encoded (labels × templates): more belong in a stored label set."""
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$"
+LABEL_SET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}$"
 
 JobKind = Literal["tag", "embed", "text_embed", "rank"]
 ScoringMode = Literal["softmax", "multilabel"]
+EmbeddingDtype = Literal["float32", "float16"]
 Status = Literal["ok", "error"]
 
 
@@ -37,7 +45,7 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def _check_texts(field: str, values: list[str], *, limit: int) -> list[str]:
+def check_texts(field: str, values: list[str], *, limit: int) -> list[str]:
     if not values:
         raise ValueError(f"{field} must not be empty")
     if len(values) > limit:
@@ -55,6 +63,23 @@ def _check_texts(field: str, values: list[str], *, limit: int) -> list[str]:
             raise ValueError(f"{field} contains {shorten(value, 40)!r} twice")
         seen.add(value)
     return values
+
+
+def check_label_prompts(prompts: dict[str, list[str]], labels: list[str]) -> dict[str, list[str]]:
+    """Per-label prompt overrides: each key is one of ``labels``, each value 1 to 100 prompts."""
+    known = set(labels)
+    for label, texts in prompts.items():
+        if label not in known:
+            raise ValueError(f"prompts names {shorten(label, 40)!r}, which is not a label")
+        check_texts(f"prompts[{shorten(label, 40)!r}]", texts, limit=MAX_PROMPTS_PER_LABEL)
+    return prompts
+
+
+def _count_prompts(labels: list[str], template: str | list[str], prompts: dict[str, list[str]] | None) -> int:
+    """How many prompts ``labels`` stand for: their overrides, else one per template."""
+    per_label = len(expand_templates(template))
+    overrides = prompts or {}
+    return sum(len(overrides[label]) if label in overrides else per_label for label in labels)
 
 
 def _check_reference(reference: str) -> str:
@@ -101,35 +126,45 @@ class JobRequest(BaseModel):
         images: many references with one label set (a bulk job); the result has one
             entry per image in ``items``.
         labels: the candidate labels (``tag``); or name a stored ``label_set`` instead.
+        label_set: the name of a label set stored with ``cliptag labels put`` (``tag``);
+            the set brings its own templates and prompts.
         texts: candidate captions (``rank``) or the texts to embed (``text_embed``).
         template: the prompt template with ``{}`` for the label, or a list of templates
-            to ensemble, or ``"ensemble:NAME"`` for a built-in ensemble.
-        prompts: per-label prompt overrides, ``{label: [prompt, …]}``.
+            to ensemble, or ``"ensemble:NAME"`` for a built-in ensemble. ``None`` means
+            ``DEFAULT_TEMPLATE`` for ``tag`` and the texts as they are for ``rank`` and
+            ``text_embed``; ``embed`` takes none.
+        prompts: per-label prompt overrides, ``{label: [prompt, …]}`` (``tag`` with labels).
         mode: ``softmax`` (one label wins) or ``multilabel`` (independent scores).
-        top_k: keep only the best ``top_k`` scores in the result.
+        multilabel_center: the cosine at which a multilabel score is 0.5 (default
+            ``worker.similarity.MULTILABEL_CENTER``, 0.25); see docs/jobs.md.
+        top_k: keep only the best ``top_k`` scores (``tag``) or texts (``rank``).
         threshold: labels scoring at least this are the result's ``tags``.
-        return_embedding: also return the image embedding of a ``tag`` job.
+        return_embedding: also return the image embedding of a ``tag`` or ``rank`` job.
+        embedding_dtype: ``float32`` or ``float16`` values in returned embeddings.
         webhook: where to POST the result, besides the result backend.
         metadata: opaque JSON object echoed back in the result.
         expires_at: unix time after which the job is answered ``expired`` unrun.
         submitted_at: unix time the producer enqueued it (for queue-wait timing).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are no JSON, though Python's JSON decoder (and kombu's) accepts them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     job_id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)
     kind: JobKind = "tag"
     image: str | None = None
     images: list[str] | None = Field(default=None, min_length=1, max_length=MAX_BULK_IMAGES)
     labels: list[str] | None = None
-    label_set: str | None = Field(default=None, min_length=1, max_length=100)
+    label_set: str | None = Field(default=None, pattern=LABEL_SET_NAME_PATTERN)
     texts: list[str] | None = None
-    template: str | list[str] = DEFAULT_TEMPLATE
+    template: str | list[str] | None = None
     prompts: dict[str, list[str]] | None = None
     mode: ScoringMode = "softmax"
+    multilabel_center: float | None = Field(default=None, ge=-1.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     return_embedding: bool = False
+    embedding_dtype: EmbeddingDtype = "float32"
     webhook: Webhook | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     expires_at: float | None = None
@@ -147,13 +182,9 @@ class JobRequest(BaseModel):
 
     @field_validator("template")
     @classmethod
-    def _template(cls, template: str | list[str]) -> str | list[str]:
-        templates = [template] if isinstance(template, str) else template
-        if not templates or len(templates) > 100:
-            raise ValueError("template must be one template or a list of 1 to 100 templates")
-        for item in templates:
-            if not item.startswith("ensemble:") and item.count("{}") != 1:
-                raise ValueError(f"template {shorten(item, 60)!r} must contain exactly one '{{}}'")
+    def _template(cls, template: str | list[str] | None) -> str | list[str] | None:
+        if template is not None:
+            expand_templates(template)
         return template
 
     @field_validator("metadata")
@@ -177,18 +208,31 @@ class JobRequest(BaseModel):
             if (self.labels is None) == (self.label_set is None):
                 raise ValueError("a tag job needs exactly one of labels or label_set")
             if self.labels is not None:
-                _check_texts("labels", self.labels, limit=max_labels)
+                check_texts("labels", self.labels, limit=max_labels)
         elif self.labels is not None or self.label_set is not None:
             raise ValueError(f"a {self.kind} job takes no labels or label_set")
         if self.kind in ("rank", "text_embed"):
-            _check_texts("texts", self.texts or [], limit=max_labels)
+            check_texts("texts", self.texts or [], limit=max_labels)
         elif self.texts is not None:
             raise ValueError(f"a {self.kind} job takes no texts")
-        if self.prompts is not None:
-            for label, prompts in self.prompts.items():
-                if self.labels is not None and label not in self.labels:
-                    raise ValueError(f"prompts names {shorten(label, 40)!r}, which is not a label")
-                _check_texts(f"prompts[{shorten(label, 40)!r}]", prompts, limit=100)
+        for name, kinds in _OPTION_KINDS.items():
+            if self.kind not in kinds and getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"{name} does not apply to {self.kind} jobs")
+        if self.multilabel_center is not None and self.mode != "multilabel":
+            raise ValueError("multilabel_center applies to mode multilabel only")
+        if self.label_set is not None and (self.template is not None or self.prompts is not None):
+            raise ValueError("a job naming a label_set takes no template or prompts (the set has its own)")
+        if self.prompts is not None and self.labels is not None:
+            check_label_prompts(self.prompts, self.labels)
+        texts = self.labels if self.kind == "tag" else self.texts
+        if texts is not None:
+            template = self.template or (DEFAULT_TEMPLATE if self.kind == "tag" else "{}")
+            prompts = _count_prompts(texts, template, self.prompts)
+            if prompts > MAX_PROMPTS_PER_JOB:
+                raise ValueError(
+                    f"the job stands for {prompts} prompts (texts × templates), more than "
+                    f"{MAX_PROMPTS_PER_JOB}; store the labels as a label set instead"
+                )
         return self
 
     @property
@@ -201,6 +245,18 @@ class JobRequest(BaseModel):
     @property
     def is_bulk(self) -> bool:
         return self.images is not None
+
+
+_OPTION_KINDS: dict[str, tuple[JobKind, ...]] = {
+    "template": ("tag", "rank", "text_embed"),
+    "prompts": ("tag",),
+    "mode": ("tag",),
+    "multilabel_center": ("tag",),
+    "threshold": ("tag",),
+    "top_k": ("tag", "rank"),
+    "return_embedding": ("tag", "rank"),
+}
+"""The job kinds each option applies to; setting it on another kind is an invalid request."""
 
 
 def parse_job(payload: Any, *, max_labels: int = MAX_LABELS_DEFAULT) -> JobRequest:
@@ -249,9 +305,14 @@ class ErrorInfo(BaseModel):
 class EncodedEmbedding(BaseModel):
     """An L2-normalized embedding: little-endian ``dtype`` values, base64-encoded."""
 
-    dtype: Literal["float32", "float16"]
+    dtype: EmbeddingDtype
     dim: int
     b64: str
+
+    def to_list(self) -> list[float]:
+        """The ``dim`` values as Python floats (decoded from ``b64``)."""
+        code = {"float32": "f", "float16": "e"}[self.dtype]
+        return list(struct.unpack(f"<{self.dim}{code}", base64.b64decode(self.b64)))
 
 
 class RankedText(BaseModel):
@@ -284,6 +345,7 @@ class JobResult(ItemResult):
     model: ModelInfo | None = None
     items: list[ItemResult] | None = None
     text_embeddings: list[EncodedEmbedding] | None = None
+    label_set_version: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 1
     finished_at: float = Field(default_factory=time.time)

@@ -27,9 +27,12 @@ class DeadLetter(BaseModel):
     Attributes:
         job_id: the job's id; for a message that carried none, a generated ``raw-…`` id.
         kind: ``job`` (the job failed) or ``webhook`` (its result could not be delivered).
-        job: the original job document, or the raw message text when it was not JSON.
+        job: the original job document, or the raw message text when it was not JSON; for a
+            ``webhook`` letter, the delivery document (``producer.delivery.WebhookDelivery``).
         error: the final error.
-        attempts: how many times it was tried.
+        attempts: how many times it was tried (deliveries that died, for ``poison_message``).
+        queue: the queue the job came from (``cliptag dlq retry`` sends it back there);
+            ``None`` when unknown.
         first_failed_at, last_failed_at: unix times.
     """
 
@@ -38,6 +41,7 @@ class DeadLetter(BaseModel):
     job: Any
     error: ErrorInfo
     attempts: int = 1
+    queue: str | None = None
     first_failed_at: float = Field(default_factory=time.time)
     last_failed_at: float = Field(default_factory=time.time)
 
@@ -74,14 +78,20 @@ class DeadLetterStore:
         raw = self.client.hget(self.entries_key, self._field(kind, job_id))
         return None if raw is None else DeadLetter.model_validate(json.loads(raw))
 
-    def list(self, *, code: str | None = None, kind: LetterKind | None = None) -> Iterator[DeadLetter]:
-        """Entries oldest first, optionally only those with error ``code`` or of ``kind``."""
+    def list(
+        self, *, code: str | None = None, kind: LetterKind | None = None, queue: str | None = None
+    ) -> Iterator[DeadLetter]:
+        """Entries oldest first, optionally only those with error ``code``, of ``kind``, from ``queue``."""
         for field in self.client.zrange(self.index_key, 0, -1):
             raw = self.client.hget(self.entries_key, field)
             if raw is None:
                 continue
             letter = DeadLetter.model_validate(json.loads(raw))
-            if (code is None or letter.error.code == code) and (kind is None or letter.kind == kind):
+            if (
+                (code is None or letter.error.code == code)
+                and (kind is None or letter.kind == kind)
+                and (queue is None or letter.queue == queue)
+            ):
                 yield letter
 
     def remove(self, job_id: str, *, kind: LetterKind = "job") -> bool:
@@ -93,5 +103,8 @@ class DeadLetterStore:
         removed, _ = pipe.execute()
         return bool(removed)
 
-    def count(self) -> int:
-        return int(self.client.zcard(self.index_key))
+    def count(self, *, queue: str | None = None) -> int:
+        """How many entries there are (only those from ``queue`` when given)."""
+        if queue is None:
+            return int(self.client.zcard(self.index_key))
+        return sum(1 for _ in self.list(queue=queue))

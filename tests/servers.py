@@ -48,9 +48,12 @@ class HttpServer:
 
     Every request is recorded in ``requests`` (method, path, headers, body), for asserting
     on webhooks. Unknown paths answer 404.
+
+    Args:
+        port: the port to listen on; 0 (the default) picks a free one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, port: int = 0) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[Request] = []
         server = self
@@ -78,7 +81,7 @@ class HttpServer:
             def log_message(self, *_: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -19,6 +19,7 @@ from producer.celery_conf import WEBHOOK_QUEUE, make_celery
 from worker.config import WorkerSettings
 from worker.logs import configure_logging
 from worker.runtime import Runtime
+from worker.transport import transport_for
 
 settings = WorkerSettings()
 app = make_celery(settings, main="worker")
@@ -27,6 +28,8 @@ app.conf.update(
     worker_concurrency=settings.worker_concurrency,
     worker_hijack_root_logger=False,
     include=["worker.tasks"],
+    worker_consumer="worker.consumer:Consumer",  # answers malformed messages (worker/consumer.py)
+    broker_transport=transport_for(settings.redis_url),
 )
 log = structlog.get_logger("cliptag.worker")
 

@@ -1,7 +1,12 @@
-"""``cliptag worker``: a Celery worker with cliptag's pool, concurrency and queues."""
+"""``cliptag worker``: a Celery worker with cliptag's pool, concurrency and queues.
+
+With ``--gpus`` (or ``--processes``) it supervises one such worker per GPU instead
+(:mod:`worker.supervisor`).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 
@@ -19,8 +24,43 @@ def worker_argv(*, queues: str, loglevel: str, concurrency: int, default_queues:
     ]
 
 
-def run_worker(*, queues: str = "", loglevel: str = "INFO", extra_args: Sequence[str] = ()) -> None:
-    """Run a worker in this process until it is told to stop (SIGTERM: warm shutdown)."""
+def run_worker(
+    *,
+    queues: str = "",
+    loglevel: str = "INFO",
+    extra_args: Sequence[str] = (),
+    device: str | None = None,
+    gpus: str | None = None,
+    processes: int = 1,
+) -> None:
+    """Run a worker in this process until it is told to stop (SIGTERM: warm shutdown).
+
+    Args:
+        queues: queues to consume, comma-separated; empty means ``CLIPTAG_QUEUE`` and the
+            webhook queue.
+        loglevel: Celery's log level.
+        extra_args: more ``celery worker`` arguments.
+        device: overrides ``CLIPTAG_DEVICE`` (``cpu``, ``cuda``, ``cuda:N``).
+        gpus: ``all`` or ``0,1,3``: supervise one worker per GPU instead (needs CUDA).
+        processes: more than 1: supervise that many workers on ``device`` instead.
+    """
+    if device:
+        os.environ["CLIPTAG_DEVICE"] = device  # read by worker.app's settings on import
+    if gpus is not None or processes > 1:
+        from worker.config import WorkerSettings
+        from worker.supervisor import run_supervisor
+
+        child_args = [f"--loglevel={loglevel}", *([f"--queues={queues}"] if queues else []), *extra_args]
+        raise SystemExit(
+            run_supervisor(
+                gpus=gpus,
+                processes=processes,
+                device=device,
+                worker_args=child_args,
+                metrics_port=WorkerSettings().metrics_port,
+            )
+        )
+
     from producer.celery_conf import WEBHOOK_QUEUE
     from worker.app import app, settings
 

@@ -8,9 +8,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from producer.config import QueueSettings
+from producer.readiness import DEFAULT_HEALTH_DIR
+from worker.loading import DEFAULT_CACHE_DIR
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "cliptag" / "models"
 
 
 class WorkerSettings(QueueSettings):
@@ -33,7 +34,9 @@ class WorkerSettings(QueueSettings):
         local_roots: directories local image paths may be read from (``:``-separated).
         max_image_bytes: the largest image download or file accepted.
         max_pixels: the largest decoded image (width × height) accepted.
-        fetch_connect_timeout, fetch_read_timeout: seconds for http(s) image fetches.
+        fetch_connect_timeout, fetch_read_timeout: seconds for http(s) and S3 image fetches
+            to connect, and to wait for each read.
+        fetch_total_timeout: seconds one http(s) image download may take in all.
         allowed_hosts: hosts exempt from the private-address guard (comma-separated).
         allow_private_hosts: turn the private-address guard off (development only).
         s3_endpoint_url: an S3-compatible endpoint instead of AWS.
@@ -42,8 +45,14 @@ class WorkerSettings(QueueSettings):
         webhook_secret: default HMAC secret for webhook signatures.
         webhook_keys: more secrets by key id, ``id1=secret1,id2=secret2``.
         webhook_max_attempts: attempts of one webhook POST before it is dead-lettered.
-        metrics_port: port of the Prometheus endpoint; 0 turns it off.
+        webhook_timeout: seconds one webhook POST may take (connect, send, read).
+        metrics_port: port of the Prometheus endpoint; 0 turns it off. Under ``--gpus`` the
+            i-th process serves on ``metrics_port + i``.
+        health_dir: where the worker writes its heartbeat file for ``cliptag health``.
+        health_interval: seconds between heartbeats; one older than three is stale.
         warmup: run one forward pass before consuming.
+        test_crash_on: TEST-ONLY fault injection: the worker process dies (``os._exit``)
+            when a job names exactly this image reference; empty (the default) is off.
     """
 
     model_config = SettingsConfigDict(env_prefix="CLIPTAG_", extra="ignore")
@@ -63,6 +72,7 @@ class WorkerSettings(QueueSettings):
     max_pixels: int = Field(default=64_000_000, ge=1)
     fetch_connect_timeout: float = Field(default=5.0, gt=0)
     fetch_read_timeout: float = Field(default=15.0, gt=0)
+    fetch_total_timeout: float = Field(default=60.0, gt=0)
     allowed_hosts: str = ""
     allow_private_hosts: bool = False
     s3_endpoint_url: str | None = None
@@ -71,8 +81,12 @@ class WorkerSettings(QueueSettings):
     webhook_secret: str = ""
     webhook_keys: str = ""
     webhook_max_attempts: int = Field(default=6, ge=1)
+    webhook_timeout: float = Field(default=10.0, gt=0)
     metrics_port: int = Field(default=0, ge=0)
+    health_dir: Path = DEFAULT_HEALTH_DIR
+    health_interval: float = Field(default=10.0, gt=0)
     warmup: bool = True
+    test_crash_on: str = ""
 
     @property
     def worker_concurrency(self) -> int:

@@ -13,39 +13,43 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
-from producer.contract import ErrorInfo, ItemResult, JobRequest, JobResult
+from producer.contract import DEFAULT_TEMPLATE, ErrorInfo, ItemResult, JobRequest, JobResult, ModelInfo
 from producer.errors import ErrorCode, JobError, shorten
 from worker.batcher import Batcher, BatchOutput, BatchStats, LabelPrompts
 from worker.config import WorkerSettings
 from worker.decode import decode_image
 from worker.engine import ClipEngine
 from worker.fetch import Fetcher, FetchPolicy
+from worker.label_set_cache import LabelSetCache, LabelSetSource
 from worker.loading import LoadedModel
 from worker.preprocess import ImageTransform, make_transform
-from worker.prompts import label_prompts, verbatim
-from worker.scoring import encode_embedding, label_probabilities, rank_labels, rank_texts
+from worker.prompts import label_prompts
+from worker.scoring import encode_embedding, rank_labels, rank_texts
+from worker.similarity import label_scores
 
 
 @dataclass(frozen=True)
-class LabelSet:
-    """A stored, named label set (see ``cliptag labels``).
+class Vocabulary:
+    """What a job's images are scored against.
 
     Attributes:
-        labels: the labels in order.
-        template: the set's template(s); a job's own ``template`` is ignored for it.
-        prompts: per-label prompt overrides.
-        version: increases on every change, so cached prompts are never stale.
+        texts: the labels (``tag``) or texts (``rank``, ``text_embed``) in order.
+        prompts: per text, the prompts encoded in the batch (ensembled per text).
+        embeddings: precomputed rows (a stored label set), used instead of ``prompts``.
+        label_set_version: the version of the stored set, when the job named one.
     """
 
-    labels: tuple[str, ...]
-    template: str | tuple[str, ...]
-    prompts: dict[str, list[str]]
-    version: int
+    texts: list[str]
+    prompts: list[LabelPrompts]
+    embeddings: torch.Tensor | None = None
+    label_set_version: int | None = None
 
-
-LabelSetLookup = Callable[[str], LabelSet]
+    def rows(self, output: BatchOutput) -> torch.Tensor:
+        """One normalized embedding per text."""
+        return output.text_embeddings if self.embeddings is None else self.embeddings
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
         local_roots=settings.local_root_paths,
         allowed_hosts=settings.allowed_host_set,
         allow_private=settings.allow_private_hosts,
+        connect_timeout=settings.fetch_connect_timeout,
+        read_timeout=settings.fetch_read_timeout,
+        total_timeout=settings.fetch_total_timeout,
+        s3_endpoint_url=settings.s3_endpoint_url,
     )
 
 
@@ -77,7 +85,7 @@ class Pipeline:
     Args:
         loaded: the model from :func:`worker.loading.load_clip`.
         settings: batch size, wait, preprocessing mode and fetch limits.
-        lookup_label_set: resolves ``label_set`` names; ``None`` refuses them.
+        label_sets: the store ``label_set`` names are read from; ``None`` refuses them.
         on_batch: called after every forward pass (logging, metrics).
     """
 
@@ -86,18 +94,18 @@ class Pipeline:
         loaded: LoadedModel,
         settings: WorkerSettings,
         *,
-        lookup_label_set: LabelSetLookup | None = None,
+        label_sets: LabelSetSource | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.model_info = loaded.info
+        self.model_info = ModelInfo(id=loaded.source, revision=loaded.revision)
         self.fetcher = Fetcher(fetch_policy(settings))
         self.transform: ImageTransform = make_transform(loaded.processor, exact=settings.exact_preprocess)
         self.engine = ClipEngine(loaded, label_cache_size=settings.label_cache_size)
         self.batcher = Batcher(
             self.engine, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, on_batch=on_batch
         )
-        self.lookup_label_set = lookup_label_set
+        self.label_sets = None if label_sets is None else LabelSetCache(label_sets, self._encode_labels)
         self._io = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="cliptag-io")
 
     def start(self) -> Pipeline:
@@ -134,7 +142,7 @@ class Pipeline:
         try:
             if job.expires_at is not None and started > job.expires_at:
                 raise JobError(ErrorCode.EXPIRED, f"job expired at {job.expires_at:.3f} before it ran")
-            labels, prompts = self._labels_and_prompts(job)
+            vocabulary = self._vocabulary(job)
         except JobError as error:
             return JobResult(
                 job_id=job.job_id,
@@ -145,44 +153,69 @@ class Pipeline:
                 metadata=job.metadata,
             )
         if job.kind == "text_embed":
-            output = self.batcher.submit(None, prompts).result()
-            return JobResult(
-                job_id=job.job_id,
-                kind=job.kind,
-                status="ok",
-                model=self.model_info,
-                metadata=job.metadata,
-                text_embeddings=[encode_embedding(row) for row in output.text_embeddings],
-                timings_ms={"inference": round(output.inference_ms, 3)},
-            )
-        pending = [self._io.submit(self._prepare_and_submit, ref, prompts) for ref in job.references]
+            result = self._embed_texts(job, vocabulary, started)
+            if queue_wait_ms is not None:
+                result.timings_ms["queue_wait"] = round(queue_wait_ms, 3)
+            return result
+        pending = [
+            self._io.submit(self._prepare_and_submit, ref, vocabulary.prompts) for ref in job.references
+        ]
         items = [
-            self._finish_item(job, ref, future, labels)
+            self._finish_item(job, ref, future, vocabulary)
             for ref, future in zip(job.references, pending, strict=True)
         ]
         for item in items:
             if queue_wait_ms is not None:
                 item.timings_ms["queue_wait"] = round(queue_wait_ms, 3)
             item.timings_ms["total"] = round((time.time() - started) * 1000.0, 3)
-        common = {"job_id": job.job_id, "kind": job.kind, "model": self.model_info, "metadata": job.metadata}
+        common = {
+            "job_id": job.job_id,
+            "kind": job.kind,
+            "model": self.model_info,
+            "metadata": job.metadata,
+            "label_set_version": vocabulary.label_set_version,
+        }
         if job.is_bulk:
             status = "ok" if any(item.status == "ok" for item in items) else "error"
             return JobResult(status=status, items=items, **common)
         return JobResult(**items[0].model_dump(), **common)
 
-    def _labels_and_prompts(self, job: JobRequest) -> tuple[list[str], list[LabelPrompts]]:
+    def _vocabulary(self, job: JobRequest) -> Vocabulary:
+        if job.kind == "embed":
+            return Vocabulary([], [])
         if job.kind in ("rank", "text_embed"):
             assert job.texts is not None
-            return list(job.texts), verbatim(job.texts)
-        if job.kind == "embed":
-            return [], []
+            return Vocabulary(list(job.texts), label_prompts(job.texts, job.template))
         if job.label_set is not None:
-            if self.lookup_label_set is None:
+            if self.label_sets is None:
                 raise JobError(ErrorCode.UNKNOWN_LABEL_SET, "this worker has no label-set store")
-            stored = self.lookup_label_set(job.label_set)
-            return list(stored.labels), label_prompts(stored.labels, stored.template, stored.prompts)
+            stored = self.label_sets.resolve(job.label_set)
+            return Vocabulary(list(stored.labels), [], stored.embeddings, stored.version)
         assert job.labels is not None
-        return list(job.labels), label_prompts(job.labels, job.template, job.prompts)
+        prompts = label_prompts(job.labels, job.template or DEFAULT_TEMPLATE, job.prompts)
+        return Vocabulary(list(job.labels), prompts)
+
+    def _encode_labels(self, labels: Sequence[LabelPrompts]) -> torch.Tensor:
+        """Label embeddings from a text-only batch (for stored label sets)."""
+        return self.batcher.submit(None, labels).result().text_embeddings
+
+    def _embed_texts(self, job: JobRequest, vocabulary: Vocabulary, started: float) -> JobResult:
+        common = {"job_id": job.job_id, "kind": job.kind, "model": self.model_info, "metadata": job.metadata}
+        try:
+            output = self.batcher.submit(None, vocabulary.prompts).result()
+        except Exception as exc:  # a failed forward: retryable, never silent
+            return JobResult(status="error", error=_internal_error(exc), **common)
+        return JobResult(
+            status="ok",
+            text_embeddings=[encode_embedding(row, job.embedding_dtype) for row in output.text_embeddings],
+            batch_id=output.batch_id,
+            batch_size=output.batch_size,
+            timings_ms={
+                "inference": round(output.inference_ms, 3),
+                "total": round((time.time() - started) * 1000.0, 3),
+            },
+            **common,
+        )
 
     def _prepare_and_submit(
         self, reference: str, prompts: Sequence[LabelPrompts]
@@ -195,7 +228,7 @@ class Pipeline:
         job: JobRequest,
         reference: str,
         pending: Future[tuple[Prepared, Future[BatchOutput]]],
-        labels: list[str],
+        vocabulary: Vocabulary,
     ) -> ItemResult:
         try:
             prepared, forward = pending.result()
@@ -203,16 +236,11 @@ class Pipeline:
         except JobError as error:
             return ItemResult(image=reference, status="error", error=ErrorInfo(**error.to_dict()))
         except Exception as exc:  # a bug or a failed forward: retryable, never silent
-            message = f"{type(exc).__name__}: {shorten(str(exc))}"
-            return ItemResult(
-                image=reference,
-                status="error",
-                error=ErrorInfo(code=ErrorCode.INTERNAL, message=message, retryable=True),
-            )
-        return self.postprocess(job, reference, labels, prepared, output)
+            return ItemResult(image=reference, status="error", error=_internal_error(exc))
+        return self.postprocess(job, reference, vocabulary, prepared, output)
 
     def postprocess(
-        self, job: JobRequest, reference: str, labels: list[str], prepared: Prepared, output: BatchOutput
+        self, job: JobRequest, reference: str, vocabulary: Vocabulary, prepared: Prepared, output: BatchOutput
     ) -> ItemResult:
         """Scores, tags, ranks and embeddings for one image from its batch output."""
         assert output.image_embedding is not None
@@ -228,14 +256,27 @@ class Pipeline:
             },
         )
         if job.kind == "tag":
-            probabilities = label_probabilities(
-                output.image_embedding, output.text_embeddings, output.logit_scale, job.mode
+            scores = label_scores(
+                output.image_embedding,
+                vocabulary.rows(output),
+                output.logit_scale,
+                mode=job.mode,
+                center=job.multilabel_center,
             )
             item.scores, item.tags, item.top_label = rank_labels(
-                labels, probabilities, mode=job.mode, top_k=job.top_k, threshold=job.threshold
+                vocabulary.texts, scores, mode=job.mode, top_k=job.top_k, threshold=job.threshold
             )
         elif job.kind == "rank":
-            item.texts = rank_texts(labels, output.image_embedding, output.text_embeddings)
+            item.texts = rank_texts(
+                vocabulary.texts, output.image_embedding, vocabulary.rows(output), top_k=job.top_k
+            )
         if job.kind == "embed" or job.return_embedding:
-            item.embedding = encode_embedding(output.image_embedding)
+            item.embedding = encode_embedding(output.image_embedding, job.embedding_dtype)
         return item
+
+
+def _internal_error(exc: Exception) -> ErrorInfo:
+    """A bug or a failed forward pass, as a retryable ``internal`` error."""
+    return ErrorInfo(
+        code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {shorten(str(exc))}", retryable=True
+    )

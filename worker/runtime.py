@@ -11,9 +11,12 @@ from typing import ClassVar
 
 import structlog
 
+from producer.labelsets import LabelSetStore
+from worker import observe
 from worker.batcher import BatchStats
 from worker.config import WorkerSettings
 from worker.loading import load_clip
+from worker.metrics import METRICS
 from worker.pipeline import Pipeline
 
 log = structlog.get_logger("cliptag.worker")
@@ -29,6 +32,12 @@ def log_batch(stats: BatchStats) -> None:
         inference_ms=round(stats.inference_ms, 2),
         oldest_wait_ms=round(stats.oldest_wait_ms, 2),
     )
+
+
+def on_batch(stats: BatchStats) -> None:
+    """After every forward pass: one log line, and the metrics."""
+    log_batch(stats)
+    METRICS.observe_batch(stats)
 
 
 class Runtime:
@@ -52,7 +61,8 @@ class Runtime:
             s3_endpoint_url=settings.s3_endpoint_url,
         )
         load_s = time.perf_counter() - started
-        pipeline = Pipeline(loaded, settings, on_batch=log_batch).start()
+        label_sets = LabelSetStore.from_url(settings.redis_url)
+        pipeline = Pipeline(loaded, settings, label_sets=label_sets, on_batch=on_batch).start()
         log.info(
             "model_ready",
             model=settings.model,
@@ -64,7 +74,13 @@ class Runtime:
             preprocess="exact" if settings.exact_preprocess else "fast",
         )
         cls._pipeline, cls.settings = pipeline, settings
+        observe.start(settings, pipeline, model_load_s=load_s, model_loaded=cls.loaded)
         return pipeline
+
+    @classmethod
+    def loaded(cls) -> bool:
+        """Whether the model is loaded and not yet stopped."""
+        return cls._pipeline is not None
 
     @classmethod
     def current(cls) -> Pipeline:

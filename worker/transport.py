@@ -16,8 +16,8 @@ import structlog
 from kombu.transport import redis as kombu_redis
 
 from producer.errors import shorten
-from worker.atomic_fetch import AtomicFetchMixin
 from worker.malformed import describe
+from worker.reliable_channel import ReliableChannelMixin
 
 log = structlog.get_logger("cliptag.worker")
 
@@ -88,7 +88,7 @@ class GuardedTransportMixin:
             log.exception("malformed_message_unanswered", reason=reason, raw=shorten(raw))
 
 
-class Channel(GuardedChannelMixin, AtomicFetchMixin, kombu_redis.Channel):
+class Channel(GuardedChannelMixin, ReliableChannelMixin, kombu_redis.Channel):
     pass
 
 
@@ -98,7 +98,7 @@ class Transport(GuardedTransportMixin, kombu_redis.Transport):
     Channel = Channel
 
 
-class SentinelChannel(GuardedChannelMixin, AtomicFetchMixin, kombu_redis.SentinelChannel):
+class SentinelChannel(GuardedChannelMixin, ReliableChannelMixin, kombu_redis.SentinelChannel):
     pass
 
 

@@ -1,0 +1,229 @@
+"""Signed webhooks through a real worker and a real HTTP receiver: retries, dead letters, no repeats."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from producer.celery_conf import WEBHOOK_QUEUE, WEBHOOK_TASK_NAME
+from producer.contract import TASK_NAME
+from producer.delivery import WebhookDelivery, webhook_state_key
+from producer.signing import SignatureError, sign, verify_signature
+from tests.servers import HttpServer, Reply, Request
+from tests.waiting import wait_until
+from worker.processes import free_port
+
+SECRETS = {None: "default-secret", "k2": "second-secret"}
+WEBHOOK_SETTINGS = {
+    "webhook_secret": SECRETS[None],
+    "webhook_keys": f"k2={SECRETS['k2']}",
+    "allowed_hosts": "127.0.0.1",
+}
+
+
+def headers_of(request: Request) -> dict[str, str]:
+    return {name.lower(): value for name, value in request.headers.items()}
+
+
+def posts_by_job(server: HttpServer) -> Counter[str]:
+    return Counter(headers_of(r).get("cliptag-job-id", "") for r in server.requests if r.method == "POST")
+
+
+def stored(client, job_id: str) -> dict:
+    return client.celery.backend.get_task_meta(job_id, cache=False)["result"]
+
+
+def log_events(worker, event: str) -> list[dict]:
+    lines = (line for line in worker.log_text().splitlines() if line.startswith("{"))
+    return [entry for entry in map(json.loads, lines) if entry.get("event") == event]
+
+
+def test_receiver_down_then_up_gets_every_result_once_with_valid_signatures(
+    start_worker, client, image_dir: Path
+):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/hook"
+    worker = start_worker(**WEBHOOK_SETTINGS)
+    images = sorted(image_dir.iterdir())
+    key_ids = {}
+    for i, path in enumerate(images):
+        key_id = "k2" if i % 2 else None
+        job = client.submit(str(path), ["cat", "dog"], webhook={"url": url, "key_id": key_id})
+        key_ids[job.id] = key_id
+    results = {job_id: client.job(job_id).result(timeout=60) for job_id in key_ids}
+    wait_until(
+        lambda: {e["job_id"] for e in log_events(worker, "webhook_retry")} >= results.keys(),
+        timeout=60,
+        what="a failed first attempt of every webhook while the receiver is down",
+    )
+    assert all("connection failed" in e["detail"] for e in log_events(worker, "webhook_retry"))
+
+    with HttpServer(port=port) as receiver:
+        receiver.routes["/hook"] = Reply(200, b"ok")
+        wait_until(
+            lambda: all(client.redis.get(webhook_state_key(j)) == "delivered" for j in results),
+            timeout=90,
+            what="every webhook delivered once the receiver is up",
+        )
+        time.sleep(1.0)  # a second POST of any job would show up now
+        assert posts_by_job(receiver) == dict.fromkeys(results, 1)
+        for request in receiver.requests:
+            headers = headers_of(request)
+            job_id = headers["cliptag-job-id"]
+            key_id = headers.get("cliptag-key-id")
+            assert key_id == key_ids[job_id]
+            signature = headers["cliptag-signature"]
+            signed_at = verify_signature(request.body, signature, SECRETS[key_id])
+            assert abs(signed_at - time.time()) < 120
+            assert headers["content-type"] == "application/json"
+            document = json.loads(request.body)
+            assert document == stored(client, job_id)
+            assert document["scores"] == [s.model_dump() for s in results[job_id].scores]
+            tampered = request.body.replace(b'"status":"ok"', b'"status":"OK"')
+            assert tampered != request.body
+            with pytest.raises(SignatureError):
+                verify_signature(tampered, signature, SECRETS[key_id])
+            with pytest.raises(SignatureError):
+                verify_signature(request.body, signature, SECRETS[None if key_id else "k2"])
+            with pytest.raises(SignatureError, match="tolerance"):
+                verify_signature(request.body, signature, SECRETS[key_id], now=signed_at + 3600)
+
+
+def test_retry_rules_dead_letters_and_no_second_post(start_worker, client, http_server, image_dir: Path):
+    """500 is retried, 429 waits for Retry-After, 404 is final; guard and key failures post nothing."""
+    arrivals: dict[str, list[float]] = {"/flaky": [], "/busy": []}
+
+    def flaky(request: Request) -> Reply:
+        arrivals["/flaky"].append(time.monotonic())
+        return Reply(500 if len(arrivals["/flaky"]) == 1 else 204)
+
+    def busy(request: Request) -> Reply:
+        arrivals["/busy"].append(time.monotonic())
+        if len(arrivals["/busy"]) == 1:
+            return Reply(429, b"slow down", {"Retry-After": "2"})
+        return Reply(200)
+
+    http_server.routes.update({"/flaky": flaky, "/busy": busy, "/gone": Reply(404, b"no such hook")})
+    worker = start_worker(**WEBHOOK_SETTINGS)
+    cat = str(image_dir / "cat.jpg")
+    hooks = {
+        "flaky": {"url": http_server.url("/flaky")},
+        "busy": {"url": http_server.url("/busy")},
+        "gone": {"url": http_server.url("/gone")},
+        "private": {"url": f"http://localhost:{http_server.port}/flaky"},
+        "unknown-key": {"url": http_server.url("/flaky"), "key_id": "nope"},
+    }
+    jobs = {name: client.submit(cat, ["cat", "dog"], webhook=hook) for name, hook in hooks.items()}
+    for job in jobs.values():
+        assert job.result(timeout=60).status == "ok"
+    ids = {name: job.id for name, job in jobs.items()}
+    wait_until(
+        lambda: all(client.redis.get(webhook_state_key(i)) in ("delivered", "failed") for i in ids.values()),
+        timeout=60,
+        what="every webhook delivered or dead-lettered",
+    )
+    states = {name: client.redis.get(webhook_state_key(i)) for name, i in ids.items()}
+    assert states == {
+        "flaky": "delivered",
+        "busy": "delivered",
+        "gone": "failed",
+        "private": "failed",
+        "unknown-key": "failed",
+    }
+    posts = posts_by_job(http_server)
+    assert posts[ids["flaky"]] == 2 and posts[ids["busy"]] == 2
+    assert posts[ids["gone"]] == 1, "a 404 is not retried"
+    assert posts[ids["private"]] == 0 and posts[ids["unknown-key"]] == 0
+    first, second = arrivals["/busy"]
+    assert second - first >= 1.9, "the retry after a 429 waits for Retry-After"
+
+    letters = {letter.job_id: letter for letter in client.dead_letters.list(kind="webhook")}
+    assert {ids["gone"], ids["private"], ids["unknown-key"]} <= letters.keys()
+    assert ids["flaky"] not in letters and ids["busy"] not in letters
+    gone = letters[ids["gone"]]
+    assert gone.error.code.value == "webhook_failed"
+    assert "HTTP 404" in gone.error.message and gone.attempts == 1
+    assert gone.queue == client.settings.queue
+    assert gone.job["webhook"]["url"] == hooks["gone"]["url"]
+    assert "forbidden_host" in letters[ids["private"]].error.message
+    assert "'nope'" in letters[ids["unknown-key"]].error.message
+    for name in ("gone", "private", "unknown-key"):
+        assert stored(client, ids[name])["status"] == "ok", "the result stays in the backend"
+
+    # A crash's duplicates: the tag message and the webhook message of a delivered job again.
+    flaky_job = jobs["flaky"]
+    document = flaky_job.request.model_dump(mode="json", exclude_none=True)
+    client.celery.send_task(TASK_NAME, args=[document], task_id=flaky_job.id, queue=client.settings.queue)
+    again = WebhookDelivery(job_id=flaky_job.id, webhook=hooks["flaky"], queue=client.settings.queue)
+    client.celery.send_task(WEBHOOK_TASK_NAME, args=[again.model_dump(mode="json")], queue=WEBHOOK_QUEUE)
+    wait_until(
+        lambda: (
+            any(e["job_id"] == flaky_job.id for e in log_events(worker, "job_duplicate"))
+            and any(e["job_id"] == flaky_job.id for e in log_events(worker, "webhook_duplicate"))
+        ),
+        timeout=30,
+        what="the duplicate job and webhook messages to be consumed",
+    )
+    time.sleep(1.0)
+    assert posts_by_job(http_server)[flaky_job.id] == 2, "no second POST for a delivered job"
+
+    # The receiver is fixed: `cliptag dlq retry --kind webhook` delivers the stored result.
+    http_server.routes["/gone"] = Reply(200)
+    retried = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "dlq", "retry", ids["gone"], "--kind", "webhook"],
+        env={**os.environ, "CLIPTAG_REDIS_URL": client.settings.redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert retried.returncode == 0, retried.stderr
+    assert f"requeued webhook {ids['gone']}" in retried.stdout
+    wait_until(
+        lambda: client.redis.get(webhook_state_key(ids["gone"])) == "delivered",
+        timeout=30,
+        what="the retried webhook delivered",
+    )
+    last = [r for r in http_server.requests if headers_of(r).get("cliptag-job-id") == ids["gone"]][-1]
+    verify_signature(last.body, headers_of(last)["cliptag-signature"], SECRETS[None])
+    assert json.loads(last.body) == stored(client, ids["gone"])
+    assert client.dead_letters.get(ids["gone"], kind="webhook") is None
+
+
+def test_signature_format_and_key_rotation():
+    body = b'{"job_id":"x","status":"ok"}'
+    header = sign(body, "old", timestamp=1_700_000_000)
+    timestamp, _, digest = header.partition(",")
+    assert timestamp == "t=1700000000" and digest.startswith("v1=") and len(digest) == 3 + 64
+    assert verify_signature(body, header, ["new", "old"], now=1_700_000_100) == 1_700_000_000
+    with pytest.raises(SignatureError, match="missing"):
+        verify_signature(body, None, "old")
+    with pytest.raises(SignatureError, match="malformed"):
+        verify_signature(body, "v1=abc", "old")
+    with pytest.raises(SignatureError, match="tolerance"):
+        verify_signature(body, header, "old", now=1_700_000_000 + 301)
+    with pytest.raises(SignatureError, match="altered"):
+        verify_signature(body + b" ", header, "old", now=1_700_000_000)
+
+
+def test_retry_after_parsing_and_response_classes():
+    from worker.webhook import classify, parse_retry_after
+
+    now = time.time()
+    assert parse_retry_after("7", now=now) == 7.0
+    http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 30))
+    assert 28 <= parse_retry_after(http_date, now=now) <= 31
+    assert parse_retry_after("soon", now=now) is None and parse_retry_after(None, now=now) is None
+    codes = (200, 204, 301, 400, 404, 408, 429, 500, 503)
+    outcomes = {code: classify(httpx.Response(code)) for code in codes}
+    assert [c for c, o in outcomes.items() if o.delivered] == [200, 204]
+    assert [c for c, o in outcomes.items() if o.retryable] == [408, 429, 500, 503]
+    waited = classify(httpx.Response(503, headers={"Retry-After": "12"}))
+    assert waited.retry_after == 12.0
