@@ -21,6 +21,7 @@ from producer.backfill import SubmissionRecord, backfill_job_id, chunked, expand
 from producer.cli_dlq import dlq_app
 from producer.cli_labels import labels_app
 from producer.cli_ops import register_ops
+from producer.cli_options import RedisUrl, console
 from producer.client import Client, Job
 from producer.contract import DEFAULT_TEMPLATE, JobResult
 from producer.errors import CliptagError, JobTimeout
@@ -31,12 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(labels_app, name="labels")
 app.add_typer(dlq_app, name="dlq")
-console = Console(stderr=True)
 
-RedisUrl = Annotated[
-    str | None,
-    typer.Option("--redis-url", envvar="CLIPTAG_REDIS_URL", help="Broker URL.", show_default=False),
-]
 
 
 def read_labels(labels: str | None, label_file: Path | None) -> list[str]:

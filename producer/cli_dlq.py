@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from producer.cli_options import RedisUrl, console
 from producer.client import Client
 from producer.dlq import DeadLetter, DeadLetterStore, LetterKind
 from producer.errors import ErrorCode, JobError, shorten
@@ -21,12 +22,7 @@ dlq_app = typer.Typer(
     add_completion=False,
     help="Dead letters: jobs that failed for good and webhooks that could not be delivered.",
 )
-console = Console(stderr=True)
 
-RedisUrl = Annotated[
-    str | None,
-    typer.Option("--redis-url", envvar="CLIPTAG_REDIS_URL", help="Broker URL.", show_default=False),
-]
 Code = Annotated[str | None, typer.Option("--code", help="Only letters with this error code.")]
 Kind = Annotated[
     str | None, typer.Option("--kind", help="Only `job` or `webhook` letters.", show_default=False)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from producer.cli_options import RedisUrl, console
 from producer.config import QueueSettings
 from producer.contract import describe_validation_error
 from producer.labelsets import LabelSetDefinition, LabelSetStore, read_label_file
@@ -24,12 +25,7 @@ labels_app = typer.Typer(
     no_args_is_help=True,
     help="Named label sets stored in Redis; jobs use them with label_set: NAME.",
 )
-console = Console(stderr=True)
 
-RedisUrl = Annotated[
-    str | None,
-    typer.Option("--redis-url", envvar="CLIPTAG_REDIS_URL", help="Redis URL.", show_default=False),
-]
 
 
 def _settings(redis_url: str | None) -> QueueSettings:

@@ -16,13 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.celery_conf import WEBHOOK_QUEUE, make_celery
+from producer.cli_options import RedisUrl, console
 from producer.config import QueueSettings
 from producer.dlq import DeadLetterStore
 from producer.errors import shorten
 from producer.ops import live_workers, queue_depth, unacked_count
 from producer.readiness import DEFAULT_HEALTH_DIR, check_workers
 
-console = Console(stderr=True)
 BROKER_TIMEOUT_S = 2.0
 
 
@@ -104,10 +104,7 @@ def status(
     ] = "",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for workers to answer.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
-    redis_url: Annotated[
-        str | None,
-        typer.Option("--redis-url", envvar="CLIPTAG_REDIS_URL", help="Broker URL.", show_default=False),
-    ] = None,
+    redis_url: RedisUrl = None,
 ) -> None:
     """Queue depths, live workers, dead-letter count and recent throughput."""
     settings = QueueSettings(**({"redis_url": redis_url} if redis_url else {}))
