@@ -62,7 +62,7 @@ class WorkerSettings(QueueSettings):
     device: str = ""
     dtype: str = ""
     max_batch: int = Field(default=32, ge=1, le=4096)
-    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_wait_ms: float = Field(default=0.0, ge=0)
     concurrency: int = Field(default=0, ge=0)
     exact_preprocess: bool = False
     label_cache_size: int = Field(default=100_000, ge=0)
