@@ -91,6 +91,13 @@ def _check_reference(reference: str) -> str:
     return reference
 
 
+def check_template(template: str | list[str] | None) -> str | list[str] | None:
+    """A ``template`` field's validator: known ensembles, exactly one ``{}`` per template."""
+    if template is not None:
+        expand_templates(template)
+    return template
+
+
 class Webhook(BaseModel):
     """Where the worker POSTs the finished result.
 
@@ -180,12 +187,7 @@ class JobRequest(BaseModel):
     def _images(cls, references: list[str] | None) -> list[str] | None:
         return None if references is None else [_check_reference(r) for r in references]
 
-    @field_validator("template")
-    @classmethod
-    def _template(cls, template: str | list[str] | None) -> str | list[str] | None:
-        if template is not None:
-            expand_templates(template)
-        return template
+    _template = field_validator("template")(check_template)
 
     @field_validator("metadata")
     @classmethod

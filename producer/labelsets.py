@@ -27,10 +27,10 @@ from producer.contract import (
     LABEL_SET_NAME_PATTERN,
     MAX_LABELS_DEFAULT,
     check_label_prompts,
+    check_template,
     check_texts,
 )
 from producer.errors import shorten
-from producer.templates import expand_templates
 
 LABEL_SET_PREFIX = "cliptag:labelsets"
 REDIS_TIMEOUT_S = 5.0
@@ -73,12 +73,7 @@ class LabelSetDefinition(BaseModel):
         context = info.context or {}
         return check_texts("labels", labels, limit=int(context.get("max_labels", MAX_LABELS_DEFAULT)))
 
-    @field_validator("template")
-    @classmethod
-    def _template(cls, template: str | list[str] | None) -> str | list[str] | None:
-        if template is not None:
-            expand_templates(template)
-        return template
+    _template = field_validator("template")(check_template)
 
     @model_validator(mode="after")
     def _prompts(self) -> LabelSetDefinition:
