@@ -96,6 +96,9 @@ def submit(
     ],
     labels: Annotated[str | None, typer.Option(help="Comma-separated labels.")] = None,
     label_file: Annotated[Path | None, typer.Option(help="File with one label per line.")] = None,
+    label_set: Annotated[
+        str | None, typer.Option(help="A stored label set (cliptag labels) instead of --labels.")
+    ] = None,
     template: Annotated[str, typer.Option(help="Prompt template with {} for the label.")] = DEFAULT_TEMPLATE,
     top_k: Annotated[int | None, typer.Option(help="Keep the best K scores.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Tag labels scoring at least this.")] = None,
@@ -114,7 +117,11 @@ def submit(
     redis_url: RedisUrl = None,
 ) -> None:
     """Enqueue images for tagging (directories and s3:// prefixes for backfills); --wait prints results."""
-    options: dict[str, object] = {"labels": read_labels(labels, label_file), "template": template}
+    options: dict[str, object] = (
+        {"label_set": label_set}
+        if label_set is not None
+        else {"labels": read_labels(labels, label_file), "template": template}
+    )
     options.update({k: v for k, v in {"top_k": top_k, "threshold": threshold}.items() if v is not None})
     references = expand_sources(images, recursive=recursive, s3_endpoint_url=s3_endpoint_url)
     with Client(redis_url, queue=queue) as client, SubmissionRecord(record) as submitted:

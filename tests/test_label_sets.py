@@ -180,6 +180,19 @@ def test_jobs_follow_the_label_set_through_its_versions(
         assert {e.label: e.score for e in result.scores} == pytest.approx(
             dict(zip(["cat", "dog"], expected, strict=True)), abs=1e-5
         )
+    submitted = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "submit", str(cat), "--label-set", name, "--wait", "--json"],
+        env={**os.environ, "CLIPTAG_REDIS_URL": redis_server.url, "CLIPTAG_QUEUE": queue_name},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    from_cli = json.loads(submitted.stdout)
+    assert from_cli["label_set_version"] == 1
+    assert {e["label"]: e["score"] for e in from_cli["scores"]} == pytest.approx(
+        dict(zip(["cat", "dog"], expected, strict=True)), abs=1e-5
+    )
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({"cup": ["a cup of coffee"]}))
