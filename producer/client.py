@@ -11,6 +11,7 @@ from typing import Any
 import redis
 from celery.result import AsyncResult
 
+from producer.backfill import chunked
 from producer.celery_conf import WEBHOOK_QUEUE, WEBHOOK_TASK_NAME, make_celery
 from producer.config import QueueSettings
 from producer.contract import TASK_NAME, JobRequest, JobResult, parse_job
@@ -228,13 +229,7 @@ class Client:
             for image in images:
                 yield self.submit(image, labels, **options)
             return
-        chunk: list[str] = []
-        for image in images:
-            chunk.append(image)
-            if len(chunk) == bulk_size:
-                yield self.submit_job(_document({"images": chunk}, labels, options))
-                chunk = []
-        if chunk:
+        for chunk in chunked(images, bulk_size):
             yield self.submit_job(_document({"images": chunk}, labels, options))
 
     def job(self, job_id: str) -> Job:

@@ -44,7 +44,6 @@ class Runtime:
     """Holder of the process's pipeline; :meth:`current` is what tasks use."""
 
     _pipeline: ClassVar[Pipeline | None] = None
-    settings: ClassVar[WorkerSettings | None] = None
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> Pipeline:
@@ -73,7 +72,7 @@ class Runtime:
             max_wait_ms=settings.max_wait_ms,
             preprocess="exact" if settings.exact_preprocess else "fast",
         )
-        cls._pipeline, cls.settings = pipeline, settings
+        cls._pipeline = pipeline
         observe.start(settings, pipeline, model_load_s=load_s, model_loaded=cls.loaded)
         return pipeline
 
