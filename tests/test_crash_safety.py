@@ -101,7 +101,7 @@ def test_sigterm_during_a_batch_publishes_its_results_before_exit(
     broker = client.redis
     wait_until(
         lambda: (
-            len(held_messages(broker, queue_name)) == 5 and worker.log_text().count("Task cliptag.tag[") >= 5
+            len(held_messages(broker, queue_name)) == 5 and all(job.state() == "STARTED" for job in jobs)
         ),
         timeout=30,
         what="all five jobs taken and waiting for their batch",

@@ -26,6 +26,13 @@ import redis
 
 from producer.delivery import deliveries_key
 
+COUNT_IF_FIRST = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 
 class DeliveryCounter:
     """Counts deliveries of jobs in Redis; shared by the job threads of one worker process.
@@ -39,10 +46,7 @@ class DeliveryCounter:
         self.client = client
         self.ttl = ttl
         self._suspects = threading.Lock()
-
-    def earlier(self, job_id: str, retries: int) -> int:
-        """Deliveries of this attempt counted so far."""
-        return int(self.client.hget(deliveries_key(job_id), str(retries)) or 0)
+        self._first_script = client.register_script(COUNT_IF_FIRST)
 
     def _count(self, job_id: str, retries: int) -> int:
         key = deliveries_key(job_id)
@@ -52,15 +56,19 @@ class DeliveryCounter:
         count, _ = pipe.execute()
         return int(count)
 
+    def _count_if_first(self, job_id: str, retries: int) -> int:
+        """Count the delivery and return 1 if it is the attempt's first, else 0 (not counted)."""
+        return int(self._first_script(keys=[deliveries_key(job_id)], args=[str(retries), self.ttl]))
+
     @contextmanager
     def delivery(self, job_id: str, retries: int) -> Iterator[int]:
         """Count this delivery of ``job_id`` (attempt ``retries``) and yield the count.
 
-        A suspect (counted before) first waits for the process's suspect lock and holds
-        it until the block ends.
+        A first delivery costs one round trip. A suspect (counted before) first waits for
+        the process's suspect lock and holds it until the block ends.
         """
-        if self.earlier(job_id, retries) == 0:
-            yield self._count(job_id, retries)
+        if self._count_if_first(job_id, retries):
+            yield 1
             return
         with self._suspects:
             yield self._count(job_id, retries)

@@ -7,9 +7,15 @@ import sys
 
 import structlog
 
+CELERY_PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
+"""Celery's "Task received" and "Task succeeded" lines: cliptag's ``job_done`` line says
+the same and more, so these two log only warnings (a failure is still logged)."""
+
 
 def configure_logging(level: str = "INFO") -> None:
     """Route structlog to stderr; JSON for machines, console rendering for people."""
+    for name in CELERY_PER_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
     )

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ from worker.preprocess import ImageTransform, make_transform
 from worker.prompts import label_prompts
 from worker.scoring import encode_embedding, rank_labels, rank_texts
 from worker.similarity import label_scores
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -157,9 +160,7 @@ class Pipeline:
             if queue_wait_ms is not None:
                 result.timings_ms["queue_wait"] = round(queue_wait_ms, 3)
             return result
-        pending = [
-            self._io.submit(self._prepare_and_submit, ref, vocabulary.prompts) for ref in job.references
-        ]
+        pending = self._prepare_all(job.references, vocabulary.prompts)
         items = [
             self._finish_item(job, ref, future, vocabulary)
             for ref, future in zip(job.references, pending, strict=True)
@@ -217,6 +218,15 @@ class Pipeline:
             **common,
         )
 
+    def _prepare_all(
+        self, references: Sequence[str], prompts: Sequence[LabelPrompts]
+    ) -> list[Future[tuple[Prepared, Future[BatchOutput]]]]:
+        """Prepare and submit each image: a lone image on this thread (a hand-off to the I/O
+        pool would only add a thread switch), the images of a bulk job on the I/O pool."""
+        if len(references) == 1:
+            return [_run_now(self._prepare_and_submit, references[0], prompts)]
+        return [self._io.submit(self._prepare_and_submit, ref, prompts) for ref in references]
+
     def _prepare_and_submit(
         self, reference: str, prompts: Sequence[LabelPrompts]
     ) -> tuple[Prepared, Future[BatchOutput]]:
@@ -273,6 +283,16 @@ class Pipeline:
         if job.kind == "embed" or job.return_embedding:
             item.embedding = encode_embedding(output.image_embedding, job.embedding_dtype)
         return item
+
+
+def _run_now(function: Callable[..., T], *args: Any) -> Future[T]:
+    """``function(*args)`` called here, its outcome (result or exception) as a done future."""
+    future: Future[T] = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 def _internal_error(exc: Exception) -> ErrorInfo:

@@ -6,10 +6,11 @@ failed for good (a permanent error, or retries exhausted) is also dead-lettered.
 return value is always the JSON result document (signal handlers read it).
 
 Delivery is at least once (late acks; a dead worker's messages come back), made
-effectively once here: a job whose result is already stored is answered from the
-backend without running again, a job delivered more than ``CLIPTAG_MAX_DELIVERIES``
-times without finishing is dead-lettered as ``poison_message`` (``worker.deliveries``),
-and its webhook is enqueued once the result is stored, at most once per job.
+effectively once here: a job delivered again (counted before) whose result is already
+stored is answered from the backend without running again, a job delivered more than
+``CLIPTAG_MAX_DELIVERIES`` times without finishing is dead-lettered as ``poison_message``
+(``worker.deliveries``), and its webhook is enqueued once the result is stored, at most
+once per job.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ log = structlog.get_logger("cliptag.worker")
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 30.0
 TEST_CRASH_EXIT_CODE = 86
+RESULT_REPR_CHARS = 200
+"""How much of a result Celery renders into its task-succeeded event (Flower shows it).
+Celery renders up to 1,024 characters of every result by default, which for a full
+result document costs more CPU than the rest of the task's bookkeeping."""
 
 visibility.install(app, settings)
 
@@ -84,7 +89,14 @@ def _queue(task: Task) -> str:
     return (task.request.delivery_info or {}).get("routing_key") or settings.queue
 
 
-@app.task(name=TASK_NAME, bind=True, base=TagTask, acks_late=True, max_retries=None)
+@app.task(
+    name=TASK_NAME,
+    bind=True,
+    base=TagTask,
+    acks_late=True,
+    max_retries=None,
+    resultrepr_maxsize=RESULT_REPR_CHARS,
+)
 def tag(self: Task, job: Any) -> dict[str, Any]:
     """Run one job document (see ``producer.contract.JobRequest``) and return its result."""
     job_id = str(self.request.id)
@@ -96,10 +108,6 @@ def tag(self: Task, job: Any) -> dict[str, Any]:
             metadata = job.get("metadata") if isinstance(job, dict) else None
             result = error_result(job_id, error, metadata=metadata if isinstance(metadata, dict) else None)
             return _finish(self, job_id, job, result)
-        stored = stored_result(job_id)
-        if stored is not None:
-            log.info("job_duplicate", status=stored.get("status"))
-            return stored
         retries = self.request.retries
         with delivery_counter().delivery(job_id, retries) as deliveries:
             if deliveries > 1 and (stored := stored_result(job_id)) is not None:

@@ -54,12 +54,11 @@ class GuardedChannelMixin:
 
     connection: GuardedTransportMixin
 
-    def _brpop_read(self, **options: Any) -> bool:
+    def _deliver_raw(self, raw: str, queue: str, *, recorded: bool) -> None:
         try:
-            return super()._brpop_read(**options)  # type: ignore[misc]
+            super()._deliver_raw(raw, queue, recorded=recorded)  # type: ignore[misc]
         except json.JSONDecodeError as exc:
-            self.connection.reject_malformed(exc.doc, f"the queue entry is not JSON: {exc.msg}")
-            return True
+            self.connection.reject_malformed(raw, f"the queue entry is not JSON: {exc.msg}")
 
 
 class GuardedTransportMixin:
