@@ -109,7 +109,7 @@ def bench_inprocess(
     from worker.similarity import label_scores
 
     encoded = [path.read_bytes() for path in files]
-    label_rows = [engine.text_embeddings(prompts(labels)) for labels in LABEL_SETS]
+    label_rows = [engine.text_embeddings(prompts(labels)).numpy() for labels in LABEL_SETS]
 
     def prepare(data: bytes) -> np.ndarray:
         return transform(decode_image(data, max_pixels=10**9, draft_size=transform.draft_size))
@@ -118,7 +118,7 @@ def bench_inprocess(
         pending = [pool.submit(prepare, data) for data in encoded]
         for start in range(0, len(pending), batch):
             pixels = np.stack([future.result() for future in pending[start : start + batch]])
-            embeddings = engine.image_embeddings(pixels)
+            embeddings = engine.image_embeddings(pixels).numpy()
             for offset, embedding in enumerate(embeddings):
                 rows = label_rows[(start + offset) % len(label_rows)]
                 label_scores(embedding, rows, engine.logit_scale, mode="softmax").argmax()

@@ -100,9 +100,7 @@ def test_sigterm_during_a_batch_publishes_its_results_before_exit(
     jobs = [client.submit(str(image_dir / "cat.jpg"), LABELS) for _ in range(5)]
     broker = client.redis
     wait_until(
-        lambda: (
-            len(held_messages(broker, queue_name)) == 5 and all(job.state() == "STARTED" for job in jobs)
-        ),
+        lambda: len(held_messages(broker, queue_name)) == 5 and all(job.state() == "STARTED" for job in jobs),
         timeout=30,
         what="all five jobs taken and waiting for their batch",
         interval=0.02,

@@ -5,6 +5,11 @@ future. The batcher thread takes everything waiting (up to ``max_batch`` images,
 for at most ``max_wait_ms`` after the first one arrived), encodes the prompts it has not
 cached in one text forward, the images in one image forward, and resolves each future
 with that job's own slice. A failed forward fails only the futures of that batch.
+
+The slices are NumPy arrays on the host, made once per batch: one device-to-host copy
+per tower, and a label set shared by several jobs in the batch is averaged once. Per-job
+work on torch tensors would cost a dispatch per operation on this one thread, each of
+which releases the GIL and, with many job threads busy, waits to get it back.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from worker.engine import ClipEngine
 
@@ -33,13 +37,14 @@ class BatchOutput:
     Attributes:
         image_embedding: the normalized image embedding, or ``None`` for text-only work.
         text_embeddings: one normalized row per requested label (ensembles averaged).
+            Both are read-only float32 arrays, possibly shared with other items.
         logit_scale: CLIP's learned temperature, ``exp(logit_scale)``.
         batch_id, batch_size: which forward pass served it and how many images it held.
         inference_ms: the batch's wall time on the model.
     """
 
-    image_embedding: torch.Tensor | None
-    text_embeddings: torch.Tensor
+    image_embedding: np.ndarray | None
+    text_embeddings: np.ndarray
     logit_scale: float
     batch_id: str
     batch_size: int
@@ -171,22 +176,35 @@ class Batcher:
                 )
             )
 
-    def _forward(self, batch: list[WorkItem]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    def _forward(self, batch: list[WorkItem]) -> list[tuple[np.ndarray | None, np.ndarray]]:
         prompts = list(dict.fromkeys(p for item in batch for label in item.labels for p in label))
-        prompt_rows = dict(zip(prompts, self.engine.text_embeddings(prompts), strict=True))
+        prompt_rows = _read_only(self.engine.text_embeddings(prompts).numpy())
+        prompt_index = {prompt: row for row, prompt in enumerate(prompts)}
         with_pixels = [item.pixels for item in batch if item.pixels is not None]
-        image_rows = iter(self.engine.image_embeddings(np.stack(with_pixels)) if with_pixels else [])
+        image_rows = iter(
+            _read_only(self.engine.image_embeddings(np.stack(with_pixels)).numpy()) if with_pixels else []
+        )
+        matrices: dict[tuple[LabelPrompts, ...], np.ndarray] = {}
         outputs = []
         for item in batch:
             image_embedding = next(image_rows) if item.pixels is not None else None
-            outputs.append((image_embedding, _label_matrix(item.labels, prompt_rows)))
+            labels = tuple(item.labels)
+            if labels not in matrices:
+                matrices[labels] = _label_matrix(labels, prompt_rows, prompt_index)
+            outputs.append((image_embedding, matrices[labels]))
         return outputs
 
 
-def _label_matrix(labels: Sequence[LabelPrompts], prompt_rows: dict[str, torch.Tensor]) -> torch.Tensor:
+def _label_matrix(
+    labels: Sequence[LabelPrompts], prompt_rows: np.ndarray, prompt_index: dict[str, int]
+) -> np.ndarray:
     """One normalized row per label: the mean of its prompts' embeddings, renormalized."""
     if not labels:
-        return torch.empty(0)
-    rows = [torch.stack([prompt_rows[p] for p in label]).mean(dim=0) for label in labels]
-    matrix = torch.stack(rows)
-    return matrix / matrix.norm(p=2, dim=-1, keepdim=True)
+        return _read_only(np.empty((0, prompt_rows.shape[-1]), dtype=np.float32))
+    matrix = np.stack([prompt_rows[[prompt_index[p] for p in label]].mean(axis=0) for label in labels])
+    return _read_only(matrix / np.linalg.norm(matrix, axis=-1, keepdims=True))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array

@@ -46,6 +46,9 @@ def run_worker(
     """
     if device:
         os.environ["CLIPTAG_DEVICE"] = device  # read by worker.app's settings on import
+    # OpenMP's threads otherwise spin after every parallel region, taking the CPU that
+    # fetching, decoding and Celery need; set before torch is imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if gpus is not None or processes > 1:
         from worker.config import WorkerSettings
         from worker.supervisor import run_supervisor

@@ -30,6 +30,8 @@ class WorkerSettings(QueueSettings):
         exact_preprocess: use ``CLIPImageProcessorPil`` itself (bit-for-bit reference)
             instead of the faster draft-decode path.
         label_cache_size: text embeddings kept in the LRU cache.
+        trace: run the image tower as a TorchScript trace, which releases the GIL once per
+            batch instead of once per operation (``worker.engine``); off runs it eagerly.
         io_threads: threads that fetch, decode and preprocess images ahead of the model.
         local_roots: directories local image paths may be read from (``:``-separated).
         max_image_bytes: the largest image download or file accepted.
@@ -66,6 +68,7 @@ class WorkerSettings(QueueSettings):
     concurrency: int = Field(default=0, ge=0)
     exact_preprocess: bool = False
     label_cache_size: int = Field(default=100_000, ge=0)
+    trace: bool = True
     io_threads: int = Field(default=8, ge=1)
     local_roots: str = ""
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)

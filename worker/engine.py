@@ -2,17 +2,32 @@
 
 Only the batcher thread calls an engine, so it holds no locks. Embeddings leave the
 engine L2-normalized, in float32, on the CPU, whatever device and dtype ran them.
+
+The image tower runs as a TorchScript trace (``trace=True``, the default): one call per
+batch that releases the GIL once. Run eagerly, every one of its few hundred operations
+releases the GIL and must win it back from the worker's job threads; with a busy queue
+that made a forward pass wait tens of times longer than it computed. The trace is checked
+against the eager tower when it is made, and the engine falls back to eager (with a
+warning) if tracing fails or disagrees.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import structlog
 import torch
+from transformers.utils import logging as hf_logging
 
 from worker.loading import LoadedModel
+
+log = structlog.get_logger("cliptag.worker")
+
+TRACE_TOLERANCE = 1e-4
+"""The largest difference from the eager tower a trace may show and still be used."""
 
 TEXT_CHUNK = 256
 """Prompts encoded per text forward; bounds memory for jobs with thousands of labels."""
@@ -24,15 +39,54 @@ def normalize(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings / embeddings.norm(p=2, dim=-1, keepdim=True)
 
 
+class ImageTower(torch.nn.Module):
+    """Pixels to normalized float32 image embeddings, as one module (what gets traced)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return normalize(self.model.get_image_features(pixel_values=pixel_values).pooler_output)
+
+
+ImageForward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def traced_image_tower(tower: ImageTower, example: torch.Tensor) -> ImageForward | None:
+    """``tower`` traced and frozen on ``example``, or ``None`` if that fails or disagrees
+    with the eager tower on a batch of another size."""
+    check = torch.cat([example, example.flip(0), example])
+    verbosity = hf_logging.get_verbosity()
+    try:
+        # quiet: TracerWarnings about shape checks, jit's deprecation, and transformers
+        # complaining about properties (loss_function) that freezing reads
+        hf_logging.set_verbosity_error()
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.freeze(torch.jit.trace(tower.eval(), example, check_trace=False))
+            difference = float((traced(check) - tower(check)).abs().max())
+    except Exception as exc:  # any failure just means running eagerly
+        log.warning("image_tower_not_traced", error=f"{type(exc).__name__}: {exc}")
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not difference <= TRACE_TOLERANCE:
+        log.warning("image_tower_not_traced", error=f"the trace differs from the tower by {difference}")
+        return None
+    return traced
+
+
 class ClipEngine:
     """Runs CLIP's two towers.
 
     Args:
         loaded: the model, tokenizer and processor from :func:`worker.loading.load_clip`.
         label_cache_size: the most prompt embeddings kept (least recently used go first).
+        trace: run the image tower as a TorchScript trace (see the module docstring).
     """
 
-    def __init__(self, loaded: LoadedModel, *, label_cache_size: int = 100_000) -> None:
+    def __init__(self, loaded: LoadedModel, *, label_cache_size: int = 100_000, trace: bool = True) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -43,6 +97,14 @@ class ClipEngine:
         self.cache_hits = 0
         self.cache_misses = 0
         self._max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
+        tower = ImageTower(self.model)
+        self._image_forward: ImageForward = (trace and self._trace(tower)) or tower
+        self.traced = self._image_forward is not tower
+
+    def _trace(self, tower: ImageTower) -> ImageForward | None:
+        size = int(self.model.config.vision_config.image_size)
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        return traced_image_tower(tower, example.to(self.device, self.dtype))
 
     @torch.inference_mode()
     def image_embeddings(self, pixels: np.ndarray) -> torch.Tensor:
@@ -51,8 +113,7 @@ class ClipEngine:
         if self.device.type == "cuda":
             host = host.pin_memory()
         batch = host.to(self.device, non_blocking=True).to(self.dtype)
-        features = self.model.get_image_features(pixel_values=batch).pooler_output
-        return normalize(features).cpu()
+        return self._image_forward(batch).cpu()
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalized embeddings of ``prompts``, from the cache where possible."""

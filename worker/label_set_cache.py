@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+import numpy as np
 import structlog
-import torch
 
 from producer.contract import DEFAULT_TEMPLATE
 from producer.errors import ErrorCode, JobError, shorten
@@ -35,7 +35,7 @@ ENCODE_CHUNK_PROMPTS = 2048
 
 T = TypeVar("T")
 
-LabelEncoder = Callable[[Sequence[LabelPrompts]], torch.Tensor]
+LabelEncoder = Callable[[Sequence[LabelPrompts]], np.ndarray]
 """Encodes labels (each a tuple of prompts) into one normalized row per label."""
 
 
@@ -60,7 +60,7 @@ class ResolvedLabelSet:
     name: str
     version: int
     labels: tuple[str, ...]
-    embeddings: torch.Tensor
+    embeddings: np.ndarray
 
 
 class LabelSetCache:
@@ -121,7 +121,7 @@ class LabelSetCache:
         if stored is None:
             raise JobError(ErrorCode.UNKNOWN_LABEL_SET, f"no label set named {shorten(name, 100)!r}")
         prompts = label_prompts(stored.labels, stored.template or DEFAULT_TEMPLATE, stored.prompts)
-        embeddings = torch.cat([self.encode(chunk) for chunk in _chunks(prompts, ENCODE_CHUNK_PROMPTS)])
+        embeddings = np.concatenate([self.encode(chunk) for chunk in _chunks(prompts, ENCODE_CHUNK_PROMPTS)])
         self.loads += 1
         log.info(
             "label_set_loaded",

@@ -3,7 +3,13 @@
 A local path is refused when it has a ``..`` component, when it (after following every
 symlink) lies outside the roots, or when it is not a regular file (devices, FIFOs,
 sockets, directories). The file is opened without following a final symlink and checked
-again on the open descriptor, so a swap after the check does not escape either.
+again on the open descriptor (its type, and on Linux the path it really has, read from
+``/proc/self/fd``), so a swap after the check does not escape either.
+
+Every system call releases and retakes the GIL, which in a busy worker means waiting for
+it again, so reading a file takes few of them: the directories' real paths are cached
+(the check on the descriptor is what guarantees the result), then one ``lstat``, ``open``,
+``readlink``, ``fstat``, ``read`` and ``close``.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import base64
 import binascii
 import os
 import stat
+from functools import lru_cache
 from pathlib import Path, PurePath
 from urllib.parse import unquote, urlsplit
 
 from producer.errors import ErrorCode, JobError, shorten
 
 LOCAL_FILE_HOSTS = frozenset({"", "localhost"})
+READ_CHUNK = 1 << 16
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -68,32 +76,82 @@ def read_local(raw_path: str, *, roots: tuple[Path, ...], max_bytes: int) -> byt
         raise JobError(ErrorCode.INVALID_REQUEST, f"{shown!r} contains a NUL character")
     if ".." in PurePath(raw_path).parts:
         raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} contains '..'")
+    descriptor = _open_under_roots(raw_path, roots, shown)
     try:
-        resolved = Path(raw_path).resolve()
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
-        raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} cannot be resolved") from None
-    if not any(resolved.is_relative_to(root) for root in roots):
-        raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is outside CLIPTAG_LOCAL_ROOTS")
-    try:
-        if not stat.S_ISREG(resolved.stat().st_mode):
-            raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is not a regular file")
-        descriptor = os.open(resolved, OPEN_FLAGS)
-    except (FileNotFoundError, NotADirectoryError):
-        raise JobError(ErrorCode.FETCH_NOT_FOUND, f"no file at {shown!r}") from None
-    except PermissionError:
-        raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is not readable") from None
-    except OSError as exc:  # ELOOP: swapped for a symlink after resolving
-        raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} cannot be opened ({exc.strerror})") from None
-    with os.fdopen(descriptor, "rb") as file:
-        info = os.fstat(file.fileno())
+        info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode):
             raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is not a regular file")
+        opened = _opened_path(descriptor)
+        if opened is not None and not _under(opened, roots):
+            raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is outside CLIPTAG_LOCAL_ROOTS")
         if info.st_size > max_bytes:
             raise JobError(ErrorCode.TOO_LARGE, f"{shown!r} is {info.st_size} bytes, over {max_bytes}")
-        try:
-            data = file.read(max_bytes + 1)
-        except OSError as exc:
-            raise JobError(ErrorCode.FETCH_FAILED, f"reading {shown!r} failed ({exc.strerror})") from None
+        data = _read_at_most(descriptor, max_bytes + 1, expected=info.st_size)
+    except OSError as exc:
+        raise JobError(ErrorCode.FETCH_FAILED, f"reading {shown!r} failed ({exc.strerror})") from None
+    finally:
+        os.close(descriptor)
     if len(data) > max_bytes:
         raise JobError(ErrorCode.TOO_LARGE, f"{shown!r} is more than {max_bytes} bytes")
     return data
+
+
+def _read_at_most(descriptor: int, limit: int, *, expected: int) -> bytes:
+    """Up to ``limit`` bytes of a regular file, in one ``read`` when it is about ``expected``
+    bytes long (a read of a regular file that returns less than asked has reached its end)."""
+    chunks = []
+    size = 0
+    while size < limit:
+        wanted = min(limit - size, max(expected + 1 - size, READ_CHUNK))
+        chunk = os.read(descriptor, wanted)
+        chunks.append(chunk)
+        size += len(chunk)
+        if len(chunk) < wanted:
+            break
+    return b"".join(chunks)
+
+
+def _open_under_roots(raw_path: str, roots: tuple[Path, ...], shown: str) -> int:
+    """A descriptor of the regular file ``raw_path`` names, which lies under ``roots``.
+
+    Raises:
+        JobError: ``forbidden_path`` or ``fetch_not_found``.
+    """
+    directory, name = os.path.split(os.path.abspath(raw_path))
+    candidate = os.path.join(_real_directory(directory), name)
+    try:
+        info = os.lstat(candidate)
+        if stat.S_ISLNK(info.st_mode):
+            candidate = os.path.realpath(candidate, strict=True)
+            info = os.stat(candidate)
+        if not _under(candidate, roots):
+            raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is outside CLIPTAG_LOCAL_ROOTS")
+        if not stat.S_ISREG(info.st_mode):
+            raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is not a regular file")
+        return os.open(candidate, OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        if not _under(candidate, roots):
+            raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is outside CLIPTAG_LOCAL_ROOTS") from None
+        raise JobError(ErrorCode.FETCH_NOT_FOUND, f"no file at {shown!r}") from None
+    except PermissionError:
+        raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is not readable") from None
+    except OSError as exc:  # ELOOP: a symlink loop, or a symlink swapped in after the check
+        raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} cannot be opened ({exc.strerror})") from None
+
+
+@lru_cache(maxsize=4096)
+def _real_directory(directory: str) -> str:
+    """``directory`` with its symlinks resolved (cached: backfills read many files per directory)."""
+    return os.path.realpath(directory)
+
+
+def _under(path: str, roots: tuple[Path, ...]) -> bool:
+    return any(Path(path).is_relative_to(root) for root in roots)
+
+
+def _opened_path(descriptor: int) -> str | None:
+    """The real path of an open file, where the system says (Linux), else ``None``."""
+    try:
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError:
+        return None

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image
 
 from producer.contract import DEFAULT_TEMPLATE, ErrorInfo, ItemResult, JobRequest, JobResult, ModelInfo
@@ -47,10 +46,10 @@ class Vocabulary:
 
     texts: list[str]
     prompts: list[LabelPrompts]
-    embeddings: torch.Tensor | None = None
+    embeddings: np.ndarray | None = None
     label_set_version: int | None = None
 
-    def rows(self, output: BatchOutput) -> torch.Tensor:
+    def rows(self, output: BatchOutput) -> np.ndarray:
         """One normalized embedding per text."""
         return output.text_embeddings if self.embeddings is None else self.embeddings
 
@@ -104,7 +103,7 @@ class Pipeline:
         self.model_info = ModelInfo(id=loaded.source, revision=loaded.revision)
         self.fetcher = Fetcher(fetch_policy(settings))
         self.transform: ImageTransform = make_transform(loaded.processor, exact=settings.exact_preprocess)
-        self.engine = ClipEngine(loaded, label_cache_size=settings.label_cache_size)
+        self.engine = ClipEngine(loaded, label_cache_size=settings.label_cache_size, trace=settings.trace)
         self.batcher = Batcher(
             self.engine, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, on_batch=on_batch
         )
@@ -196,7 +195,7 @@ class Pipeline:
         prompts = label_prompts(job.labels, job.template or DEFAULT_TEMPLATE, job.prompts)
         return Vocabulary(list(job.labels), prompts)
 
-    def _encode_labels(self, labels: Sequence[LabelPrompts]) -> torch.Tensor:
+    def _encode_labels(self, labels: Sequence[LabelPrompts]) -> np.ndarray:
         """Label embeddings from a text-only batch (for stored label sets)."""
         return self.batcher.submit(None, labels).result().text_embeddings
 

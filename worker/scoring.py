@@ -10,7 +10,6 @@ import base64
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from producer.contract import EmbeddingDtype, EncodedEmbedding, LabelScore, RankedText, ScoringMode
 
@@ -20,7 +19,7 @@ DEFAULT_MULTILABEL_THRESHOLD = 0.5
 
 def rank_labels(
     labels: Sequence[str],
-    scores: torch.Tensor,
+    scores: np.ndarray,
     *,
     mode: ScoringMode,
     top_k: int | None,
@@ -36,7 +35,7 @@ def rank_labels(
         threshold: the tags are the labels scoring at least this; ``None`` means the top
             label in softmax mode and :data:`DEFAULT_MULTILABEL_THRESHOLD` in multilabel mode.
     """
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    order = _best_first(scores)
     ranked = [LabelScore(label=labels[i], score=float(scores[i])) for i in order]
     if threshold is None and mode == "softmax":
         tags = [ranked[0].label]
@@ -48,8 +47,8 @@ def rank_labels(
 
 def rank_texts(
     texts: Sequence[str],
-    image_embedding: torch.Tensor,
-    text_embeddings: torch.Tensor,
+    image_embedding: np.ndarray,
+    text_embeddings: np.ndarray,
     *,
     top_k: int | None = None,
 ) -> list[RankedText]:
@@ -62,7 +61,7 @@ def rank_texts(
         top_k: keep the best ``top_k``; ``None`` keeps all.
     """
     similarities = text_embeddings @ image_embedding
-    order = torch.argsort(similarities, descending=True, stable=True).tolist()
+    order = _best_first(similarities)
     ranked = [
         RankedText(text=texts[i], similarity=float(similarities[i]), rank=rank)
         for rank, i in enumerate(order, start=1)
@@ -70,15 +69,20 @@ def rank_texts(
     return ranked[:top_k] if top_k else ranked
 
 
-def encode_embedding(embedding: torch.Tensor, dtype: EmbeddingDtype = "float32") -> EncodedEmbedding:
+def _best_first(values: np.ndarray) -> list[int]:
+    """Indices from the highest value to the lowest; ties keep their order."""
+    return np.argsort(-values, kind="stable").tolist()
+
+
+def encode_embedding(embedding: np.ndarray, dtype: EmbeddingDtype = "float32") -> EncodedEmbedding:
     """A normalized embedding as base64 of its little-endian ``dtype`` values.
 
     Args:
-        embedding: a 1-D float tensor.
+        embedding: a 1-D float array.
         dtype: ``float32`` (exact) or ``float16`` (half the size; each value within
             about 5e-4 of the float32 one, ample for nearest-neighbour search).
     """
-    values = embedding.detach().cpu().numpy().astype(np.dtype(dtype).newbyteorder("<"))
+    values = embedding.astype(np.dtype(dtype).newbyteorder("<"))
     return EncodedEmbedding(
         dtype=dtype, dim=int(values.shape[0]), b64=base64.b64encode(values.tobytes()).decode()
     )
