@@ -19,7 +19,7 @@ import binascii
 import os
 import stat
 from functools import lru_cache
-from pathlib import Path, PurePath
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from producer.errors import ErrorCode, JobError, shorten
@@ -74,7 +74,7 @@ def read_local(raw_path: str, *, roots: tuple[Path, ...], max_bytes: int) -> byt
         raise JobError(ErrorCode.FORBIDDEN_PATH, "local paths are disabled (set CLIPTAG_LOCAL_ROOTS)")
     if "\x00" in raw_path:
         raise JobError(ErrorCode.INVALID_REQUEST, f"{shown!r} contains a NUL character")
-    if ".." in PurePath(raw_path).parts:
+    if ".." in raw_path.split(os.sep):
         raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} contains '..'")
     descriptor = _open_under_roots(raw_path, roots, shown)
     try:
@@ -146,7 +146,13 @@ def _real_directory(directory: str) -> str:
 
 
 def _under(path: str, roots: tuple[Path, ...]) -> bool:
-    return any(Path(path).is_relative_to(root) for root in roots)
+    """Whether the absolute, resolved ``path`` is one of ``roots`` or lies below one."""
+    return any(path == str(root) or path.startswith(_as_directory(root)) for root in roots)
+
+
+@lru_cache(maxsize=64)
+def _as_directory(root: Path) -> str:
+    return os.path.join(str(root), "")
 
 
 def _opened_path(descriptor: int) -> str | None:
