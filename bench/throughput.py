@@ -11,6 +11,7 @@ Parts (``--parts``, comma-separated; default all):
                 ``cliptag worker`` subprocess, first submit to last result;
 * ``overhead``  the same with the tiny test model (inference nearly free) against a bare
                 Celery no-op task on the same Redis, in jobs/s; bulk against single jobs;
+                three rounds in turn (``--overhead-rounds``), medians reported;
 * ``latency``   p50/p95 of one job at a time on an idle worker.
 
 The model is a full-size ViT-B/32 (the default ``CLIPConfig``) with random weights, saved to
@@ -267,6 +268,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--overhead-jobs", type=int, default=600, help="jobs for the overhead part (default 600)"
     )
     parser.add_argument("--bulk-size", type=int, default=100, help="images per bulk job (default 100)")
+    parser.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=3,
+        help="rounds of the overhead part, run in turn; medians are reported (default 3)",
+    )
     parser.add_argument("--latency-jobs", type=int, default=15, help="jobs for the latency part (default 15)")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 2, help="decode threads (default: cores)"
@@ -323,13 +330,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if not (tiny / "config.json").exists():
                     build_tiny_clip(tiny)
                 small = make_images(args.workdir / "small", args.overhead_jobs, sizes=[OVERHEAD_SIZE])
-                report("5 tiny model e2e", queue_bench.jobs_per_second(str(tiny), "tiny", small), "jobs/s")
-                report(
-                    "5 bare Celery no-op", queue_bench.noop_per_second("noop", args.overhead_jobs), "jobs/s"
-                )
+                rounds: dict[str, list[float]] = {"tiny": [], "noop": [], "bulk": []}
+                for number in range(1, args.overhead_rounds + 1):
+                    rounds["tiny"].append(queue_bench.jobs_per_second(str(tiny), "tiny", small))
+                    rounds["noop"].append(queue_bench.noop_per_second("noop", args.overhead_jobs))
+                    rounds["bulk"].append(
+                        queue_bench.bulk_images_per_second(str(tiny), "bulk", small, bulk=args.bulk_size)
+                    )
+                    figures_of_round = ", ".join(f"{name} {rates[-1]:.1f}" for name, rates in rounds.items())
+                    print(f"  overhead round {number}: {figures_of_round}", flush=True)
+                report("5 tiny model e2e", statistics.median(rounds["tiny"]), "jobs/s")
+                report("5 bare Celery no-op", statistics.median(rounds["noop"]), "jobs/s")
                 report("5 tiny single jobs", figures["5 tiny model e2e"])
-                bulk = queue_bench.bulk_images_per_second(str(tiny), "bulk", small, bulk=args.bulk_size)
-                report("5 tiny bulk jobs", bulk)
+                report("5 tiny bulk jobs", statistics.median(rounds["bulk"]))
             if "latency" in parts:
                 latencies = queue_bench.latencies_ms(str(full), "latency", files[0], count=args.latency_jobs)
                 report("6 idle latency p50", percentile(latencies, 0.5), "ms")

@@ -18,6 +18,7 @@ from celery import signals
 from producer.celery_conf import WEBHOOK_QUEUE, make_celery
 from worker.config import WorkerSettings
 from worker.logs import configure_logging
+from worker.result_backend import backend_for
 from worker.runtime import Runtime
 from worker.transport import transport_for
 
@@ -30,6 +31,7 @@ app.conf.update(
     include=["worker.tasks"],
     worker_consumer="worker.consumer:Consumer",  # answers malformed messages (worker/consumer.py)
     broker_transport=transport_for(settings.redis_url),
+    result_backend=backend_for(settings.backend_url),  # one round trip per stored state
 )
 log = structlog.get_logger("cliptag.worker")
 
