@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
-        self._queue: queue.Queue[WorkItem | None] = queue.Queue()
+        self._queue: queue.Queue[list[WorkItem] | None] = queue.Queue()
+        self._backlog: deque[WorkItem] = deque()  # taken from the queue, not yet batched
         self._thread = threading.Thread(target=self._run, name="cliptag-batcher", daemon=True)
         self.batches_run = 0
 
@@ -110,9 +112,16 @@ class Batcher:
 
     def submit(self, pixels: np.ndarray | None, labels: Sequence[LabelPrompts] = ()) -> Future[BatchOutput]:
         """Queue one image (or none, for text-only work) with the labels it is scored against."""
-        item = WorkItem(pixels=pixels, labels=labels)
-        self._queue.put(item)
-        return item.future
+        return self.submit_many([pixels], labels)[0]
+
+    def submit_many(
+        self, pixels: Sequence[np.ndarray | None], labels: Sequence[LabelPrompts] = ()
+    ) -> list[Future[BatchOutput]]:
+        """Queue several images scored against the same labels, in one hand-off."""
+        items = [WorkItem(pixels=one, labels=labels) for one in pixels]
+        if items:
+            self._queue.put(items)
+        return [item.future for item in items]
 
     def _run(self) -> None:
         while True:
@@ -123,21 +132,29 @@ class Batcher:
                 return
 
     def _collect(self) -> tuple[list[WorkItem], bool]:
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        batch, images = [first], int(first.pixels is not None)
-        deadline = first.arrived + self.max_wait
-        while images < self.max_batch:
+        """The next batch, and whether ``stop`` was called (after everything before it)."""
+        if not self._backlog:
+            group = self._queue.get()
+            if group is None:
+                return [], True
+            self._backlog.extend(group)
+        batch: list[WorkItem] = []
+        images = 0
+        deadline = self._backlog[0].arrived + self.max_wait
+        while True:
+            while self._backlog and images < self.max_batch:
+                item = self._backlog.popleft()
+                batch.append(item)
+                images += item.pixels is not None
+            if images >= self.max_batch:
+                return batch, False
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                group = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                break
-            if item is None:
+                return batch, False
+            if group is None:
                 return batch, True
-            batch.append(item)
-            images += item.pixels is not None
-        return batch, False
+            self._backlog.extend(group)
 
     def _execute(self, batch: list[WorkItem]) -> None:
         batch = [item for item in batch if item.future.set_running_or_notify_cancel()]

@@ -33,6 +33,8 @@ class WorkerSettings(QueueSettings):
         trace: run the image tower as a TorchScript trace, which releases the GIL once per
             batch instead of once per operation (``worker.engine``); off runs it eagerly.
         io_threads: threads that fetch, decode and preprocess images ahead of the model.
+        decode_threads: how many threads may decode and preprocess at once (the rest of
+            the job and I/O threads wait, or fetch); 0 means one per CPU core.
         local_roots: directories local image paths may be read from (``:``-separated).
         max_image_bytes: the largest image download or file accepted.
         max_pixels: the largest decoded image (width × height) accepted.
@@ -70,6 +72,7 @@ class WorkerSettings(QueueSettings):
     label_cache_size: int = Field(default=100_000, ge=0)
     trace: bool = True
     io_threads: int = Field(default=8, ge=1)
+    decode_threads: int = Field(default=0, ge=0)
     local_roots: str = ""
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=64_000_000, ge=1)

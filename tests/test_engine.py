@@ -1,0 +1,59 @@
+"""The engine and batcher in process, on the tiny CLIP loaded through the production path.
+
+Through a real worker these paths are covered by the parity tests (``test_end_to_end``,
+``test_job_kinds``); here are the parts a queue cannot pin down: the traced tower against
+the eager one, and how groups of images are split into batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worker.batcher import Batcher
+from worker.engine import ClipEngine
+from worker.loading import LoadedModel, load_clip
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_clip: Path) -> LoadedModel:
+    return load_clip(str(tiny_clip), device="cpu")
+
+
+def pixels(count: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 3, size, size)).astype(np.float32)
+
+
+def test_traced_tower_matches_the_eager_one_at_any_batch_size(loaded: LoadedModel):
+    traced, eager = ClipEngine(loaded), ClipEngine(loaded, trace=False)
+    assert traced.traced and not eager.traced
+    size = loaded.model.config.vision_config.image_size
+    for count in (1, 3, 17):
+        batch = pixels(count, size, seed=count)
+        torch.testing.assert_close(traced.image_embeddings(batch), eager.image_embeddings(batch))
+
+
+def test_a_group_larger_than_a_batch_is_split_and_every_image_answered(loaded: LoadedModel):
+    engine = ClipEngine(loaded)
+    size = loaded.model.config.vision_config.image_size
+    batches = []
+    batcher = Batcher(engine, max_batch=4, max_wait_ms=200, on_batch=batches.append).start()
+    try:
+        group = pixels(10, size)
+        futures = batcher.submit_many(list(group), [("a photo of a cat.",), ("a photo of a dog.",)])
+        text_only = batcher.submit(None, [("a cup.",)])
+        outputs = [future.result(timeout=30) for future in futures]
+        text_output = text_only.result(timeout=30)
+    finally:
+        batcher.stop()
+
+    assert [stats.images for stats in batches] == [4, 4, 2]
+    assert all(output.batch_size <= 4 for output in outputs)
+    expected = engine.image_embeddings(group).numpy()
+    np.testing.assert_allclose(np.stack([o.image_embedding for o in outputs]), expected, atol=1e-5)
+    assert outputs[0].text_embeddings.shape == (2, expected.shape[1])
+    assert outputs[0].text_embeddings is outputs[3].text_embeddings, "one label matrix per batch and set"
+    assert text_output.image_embedding is None and text_output.text_embeddings.shape == (1, expected.shape[1])
