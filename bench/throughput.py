@@ -54,6 +54,8 @@ LABEL_SETS = (
     ("person", "a photo", "the dog", "cup", "cat"),
     ("rocket", "car", "dog", "person", "cup"),
 )
+IDLE_GAP_S = 0.2
+"""The pause before each idle-latency measurement, worker and in process alike."""
 OVERHEAD_SIZE = (128, 96)
 """Overhead runs use thumbnails, so neither decode nor inference hides the framework's cost."""
 ALL_PARTS = ("tower", "inprocess", "naive", "e2e", "overhead", "latency")
@@ -143,9 +145,12 @@ def bench_naive(checkpoint: str, files: Sequence[Path], *, device: torch.device,
 
 
 def idle_forward_ms(engine: ClipEngine, transform: ImageTransform, path: Path, *, repeats: int = 5) -> float:
-    """Median ms of fetch + decode + preprocess + a batch-1 forward, in process."""
+    """Median ms of fetch + decode + preprocess + a batch-1 forward, in process, each run
+    after the same 0.2 s idle as the latency part's jobs (an idle CPU runs the first
+    forward after a pause about 20 ms slower than one right after another)."""
     times = []
     for _ in range(repeats):
+        time.sleep(IDLE_GAP_S)
         with timed() as elapsed:
             data = path.read_bytes()
             pixels = transform(decode_image(data, max_pixels=10**9, draft_size=transform.draft_size))
@@ -241,7 +246,7 @@ class QueueBench:
             client.submit(str(path), list(LABEL_SETS[0])).result(timeout=600)
             latencies = []
             for _ in range(count):
-                time.sleep(0.2)
+                time.sleep(IDLE_GAP_S)
                 with timed() as elapsed:
                     client.submit(str(path), list(LABEL_SETS[0])).result(timeout=600)
                 latencies.append(elapsed() * 1000)
