@@ -13,6 +13,7 @@ import pytest
 
 from producer.errors import ErrorCode, JobError
 from tests.servers import HttpServer, MotoS3Server, Reply
+from worker import local_source
 from worker.fetch import Fetcher, FetchPolicy
 from worker.fetch_policy import redact_url
 
@@ -267,6 +268,16 @@ def test_local_paths_outside_roots_or_not_regular_files_are_forbidden(fetcher, r
     error = fetch_error(fetcher, reference.format(root=root))
     assert (error.code, error.retryable) == (ErrorCode.FORBIDDEN_PATH, False)
     assert str(root.parent / "outside.jpg") not in error.message
+
+
+def test_without_proc_paths_are_resolved_and_checked_before_opening(fetcher, root, monkeypatch):
+    monkeypatch.setattr(local_source, "CAN_READ_OPENED_PATH", False)
+    (root.parent / "outside.jpg").write_bytes(BODY)
+    (root / "escape.jpg").symlink_to(root.parent / "outside.jpg")
+    (root / "alias.jpg").symlink_to(root / "ok.jpg")
+    assert fetcher.fetch(str(root / "ok.jpg")) == fetcher.fetch(str(root / "alias.jpg")) == BODY
+    for reference in (root / "escape.jpg", root.parent / "outside.jpg", Path("/etc/passwd")):
+        assert fetch_error(fetcher, str(reference)).code is ErrorCode.FORBIDDEN_PATH
 
 
 def test_device_file_inside_a_root_is_forbidden(fetcher, root):

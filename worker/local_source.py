@@ -3,13 +3,14 @@
 A local path is refused when it has a ``..`` component, when it (after following every
 symlink) lies outside the roots, or when it is not a regular file (devices, FIFOs,
 sockets, directories). The file is opened without following a final symlink and checked
-again on the open descriptor (its type, and on Linux the path it really has, read from
-``/proc/self/fd``), so a swap after the check does not escape either.
+on the open descriptor: its type, and (Linux) the path it really has, read back from
+``/proc/self/fd``, so a swap between check and open does not escape either.
 
 Every system call releases and retakes the GIL, which in a busy worker means waiting for
-it again, so reading a file takes few of them: the directories' real paths are cached
-(the check on the descriptor is what guarantees the result), then one ``lstat``, ``open``,
-``readlink``, ``fstat``, ``read`` and ``close``.
+it again, so reading a regular file takes few of them: ``lstat``, ``open``, ``fstat``,
+``readlink`` of the descriptor, ``read`` and ``close``. Where the descriptor's path cannot
+be read back, the path is resolved and checked before it is opened instead; refusals
+resolve it too, so that their message is the same either way.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from producer.errors import ErrorCode, JobError, shorten
 
 LOCAL_FILE_HOSTS = frozenset({"", "localhost"})
 READ_CHUNK = 1 << 16
+CAN_READ_OPENED_PATH = os.path.isdir("/proc/self/fd")
+"""Linux: an open descriptor's real path is a ``readlink`` of ``/proc/self/fd/N``."""
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -81,9 +84,8 @@ def read_local(raw_path: str, *, roots: tuple[Path, ...], max_bytes: int) -> byt
         info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode):
             raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is not a regular file")
-        opened = _opened_path(descriptor)
-        if opened is not None and not _under(opened, roots):
-            raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is outside CLIPTAG_LOCAL_ROOTS")
+        if CAN_READ_OPENED_PATH:  # else _open_under_roots resolved and checked the path
+            _check_under(os.readlink(f"/proc/self/fd/{descriptor}"), roots, shown)
         if info.st_size > max_bytes:
             raise JobError(ErrorCode.TOO_LARGE, f"{shown!r} is {info.st_size} bytes, over {max_bytes}")
         data = _read_at_most(descriptor, max_bytes + 1, expected=info.st_size)
@@ -112,26 +114,26 @@ def _read_at_most(descriptor: int, limit: int, *, expected: int) -> bytes:
 
 
 def _open_under_roots(raw_path: str, roots: tuple[Path, ...], shown: str) -> int:
-    """A descriptor of the regular file ``raw_path`` names, which lies under ``roots``.
+    """A descriptor of the regular file ``raw_path`` names, checked to lie under ``roots``
+    before it is opened, or (on Linux, where the opened file's real path can be read back)
+    right after: the common case costs an ``lstat`` and an ``open``.
 
     Raises:
         JobError: ``forbidden_path`` or ``fetch_not_found``.
     """
-    directory, name = os.path.split(os.path.abspath(raw_path))
-    candidate = os.path.join(_real_directory(directory), name)
+    candidate = os.path.abspath(raw_path)
     try:
         info = os.lstat(candidate)
-        if stat.S_ISLNK(info.st_mode):
+        if stat.S_ISLNK(info.st_mode) or not CAN_READ_OPENED_PATH:
             candidate = os.path.realpath(candidate, strict=True)
             info = os.stat(candidate)
-        if not _under(candidate, roots):
-            raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is outside CLIPTAG_LOCAL_ROOTS")
+            _check_under(candidate, roots, shown)
         if not stat.S_ISREG(info.st_mode):
+            _check_under(os.path.realpath(candidate), roots, shown)
             raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is not a regular file")
         return os.open(candidate, OPEN_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
-        if not _under(candidate, roots):
-            raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is outside CLIPTAG_LOCAL_ROOTS") from None
+        _check_under(os.path.realpath(candidate), roots, shown)
         raise JobError(ErrorCode.FETCH_NOT_FOUND, f"no file at {shown!r}") from None
     except PermissionError:
         raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is not readable") from None
@@ -139,10 +141,9 @@ def _open_under_roots(raw_path: str, roots: tuple[Path, ...], shown: str) -> int
         raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} cannot be opened ({exc.strerror})") from None
 
 
-@lru_cache(maxsize=4096)
-def _real_directory(directory: str) -> str:
-    """``directory`` with its symlinks resolved (cached: backfills read many files per directory)."""
-    return os.path.realpath(directory)
+def _check_under(path: str, roots: tuple[Path, ...], shown: str) -> None:
+    if not _under(path, roots):
+        raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is outside CLIPTAG_LOCAL_ROOTS")
 
 
 def _under(path: str, roots: tuple[Path, ...]) -> bool:
@@ -153,11 +154,3 @@ def _under(path: str, roots: tuple[Path, ...]) -> bool:
 @lru_cache(maxsize=64)
 def _as_directory(root: Path) -> str:
     return os.path.join(str(root), "")
-
-
-def _opened_path(descriptor: int) -> str | None:
-    """The real path of an open file, where the system says (Linux), else ``None``."""
-    try:
-        return os.readlink(f"/proc/self/fd/{descriptor}")
-    except OSError:
-        return None
