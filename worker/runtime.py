@@ -71,7 +71,7 @@ class Runtime:
             max_batch=settings.max_batch,
             max_wait_ms=settings.max_wait_ms,
             preprocess="exact" if settings.exact_preprocess else "fast",
-            image_tower="traced" if pipeline.engine.traced else "eager",
+            image_tower={True: "traced", False: "eager", None: "on the first batch"}[pipeline.engine.traced],
         )
         cls._pipeline = pipeline
         observe.start(settings, pipeline, model_load_s=load_s, model_loaded=cls.loaded)
