@@ -195,7 +195,7 @@ class Batcher:
 
     def _forward(self, batch: list[WorkItem]) -> list[tuple[np.ndarray | None, np.ndarray]]:
         prompts = list(dict.fromkeys(p for item in batch for label in item.labels for p in label))
-        prompt_rows = _read_only(self.engine.text_embeddings(prompts).numpy())
+        prompt_rows = self.engine.text_embeddings(prompts).numpy()  # stays here: jobs get averaged copies
         prompt_index = {prompt: row for row, prompt in enumerate(prompts)}
         with_pixels = [item.pixels for item in batch if item.pixels is not None]
         image_rows = iter(
