@@ -32,9 +32,11 @@ class WorkerSettings(QueueSettings):
         label_cache_size: text embeddings kept in the LRU cache.
         trace: run the image tower as a TorchScript trace, which releases the GIL once per
             batch instead of once per operation (``worker.engine``); off runs it eagerly.
-        io_threads: threads that fetch, decode and preprocess images ahead of the model.
-        decode_threads: how many threads may decode and preprocess at once (the rest of
-            the job and I/O threads wait, or fetch); 0 means one per CPU core.
+        io_threads: threads that fetch bulk jobs' images ahead of the model (any number
+            may wait on the network).
+        decode_threads: threads that decode and preprocess bulk jobs' images, and the most
+            threads decoding at once, single-image jobs' own threads included (more only
+            fight over the GIL); 0 means one per CPU core.
         local_roots: directories local image paths may be read from (``:``-separated).
         max_image_bytes: the largest image download or file accepted.
         max_pixels: the largest decoded image (width × height) accepted.

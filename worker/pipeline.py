@@ -1,8 +1,15 @@
 """One job from request to result: preprocess → forward (batched) → postprocess.
 
 No Celery here: the Celery task, the benchmarks and the tests all drive this class.
-Fetch, decode and preprocess run on an I/O thread pool, so the next images are ready
-while the model runs the current batch, and a slow download never holds a batch.
+A single-image job fetches and decodes its image on its own thread. A bulk job's images
+go in chunks through two pools: I/O threads fetch (any number may wait on the network),
+decode threads (one per core: more only fight over the GIL) decode and preprocess and
+hand each chunk to the batcher. So the next images are ready while the model runs the
+current batch, and a slow download never holds a batch.
+
+Bulk images are fetched no further ahead of the model than :data:`READY_AHEAD_BATCHES`
+batches, and a job keeps only its images' timings once they are in a batch, so a
+10,000-image job holds a few batches of pixels, not 10,000 images' worth.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from PIL import Image
 from producer.contract import DEFAULT_TEMPLATE, ErrorInfo, ItemResult, JobRequest, JobResult, ModelInfo
 from producer.errors import ErrorCode, JobError, shorten
 from worker.batcher import Batcher, BatchOutput, BatchStats, LabelPrompts
+from worker.budget import Budget
 from worker.config import WorkerSettings
 from worker.decode import decode_image
 from worker.engine import ClipEngine
@@ -31,9 +39,14 @@ from worker.prompts import label_prompts
 from worker.scoring import encode_embedding, rank_labels, rank_texts
 from worker.similarity import label_scores
 
-PREPARE_CHUNK = 8
-"""Images of a bulk job one I/O task prepares in turn and hands to the batcher together:
-fewer thread hand-offs per image, and fuller batches."""
+PREPARE_CHUNK = 16
+"""Images of a bulk job fetched, decoded and handed to the batcher together: fewer thread
+hand-offs per image, and fuller batches."""
+
+READY_AHEAD_BATCHES = 4
+"""Bulk images that may be fetched or decoded but not yet through the model, in batches of
+``max_batch``: enough to keep the model fed, while memory stays bounded (a decoded
+ViT-B/32 input is 0.6 MB of float32, a fetched file up to ``CLIPTAG_MAX_IMAGE_BYTES``)."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +71,15 @@ class Vocabulary:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """An image ready for the model, with what getting it cost."""
+class PrepareTimings:
+    """What getting one image ready for the model cost."""
 
-    pixels: np.ndarray
     fetch_ms: float
     preprocess_ms: float
+
+
+Pending = Future[tuple[PrepareTimings, Future[BatchOutput]]]
+"""One image of a job: resolved once it is in the batcher's hands (or failed before)."""
 
 
 def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
@@ -111,10 +127,13 @@ class Pipeline:
             self.engine, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, on_batch=on_batch
         )
         self.label_sets = None if label_sets is None else LabelSetCache(label_sets, self._encode_labels)
-        self._io = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="cliptag-io")
-        # decoding is CPU work: more threads at it than cores only fight over the GIL,
-        # while any number may wait on the network
-        self._decode_slots = threading.BoundedSemaphore(settings.decode_threads or os.cpu_count() or 1)
+        decode_threads = settings.decode_threads or os.cpu_count() or 1
+        self._fetchers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="cliptag-io")
+        self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="cliptag-decode")
+        # single-image jobs decode on their own threads: this bounds them and the decode
+        # pool together to one decoding thread per core
+        self._decode_slots = threading.BoundedSemaphore(decode_threads)
+        self._ahead = Budget(READY_AHEAD_BATCHES * settings.max_batch)
 
     def start(self) -> Pipeline:
         self.batcher.start()
@@ -124,7 +143,8 @@ class Pipeline:
 
     def stop(self) -> None:
         """Finish queued work, then release threads and connections."""
-        self._io.shutdown(wait=True)
+        self._fetchers.shutdown(wait=True)
+        self._decoders.shutdown(wait=True)
         self.batcher.stop()
         self.fetcher.close()
 
@@ -133,18 +153,16 @@ class Pipeline:
         pixels = self.transform(Image.new("RGB", (256, 256), (127, 127, 127)))
         self.batcher.submit(pixels, [("a photo.",)]).result()
 
-    def prepare(self, reference: str) -> Prepared:
-        """Fetch, decode and transform one image (the preprocess step)."""
+    def fetch(self, reference: str) -> tuple[bytes, float]:
+        """The image's bytes, and milliseconds taken."""
         started = time.perf_counter()
-        data = self.fetcher.fetch(reference)
-        fetch_ms = _elapsed_ms(started)
+        return self.fetcher.fetch(reference), _elapsed_ms(started)
+
+    def preprocess(self, data: bytes) -> tuple[np.ndarray, float]:
+        """Decoded and transformed pixels, and milliseconds taken; the caller holds a decode slot."""
         started = time.perf_counter()
-        with self._decode_slots:
-            image = decode_image(
-                data, max_pixels=self.settings.max_pixels, draft_size=self.transform.draft_size
-            )
-            pixels = self.transform(image)
-        return Prepared(pixels=pixels, fetch_ms=fetch_ms, preprocess_ms=_elapsed_ms(started))
+        image = decode_image(data, max_pixels=self.settings.max_pixels, draft_size=self.transform.draft_size)
+        return self.transform(image), _elapsed_ms(started)
 
     def run(self, job: JobRequest) -> JobResult:
         """Run ``job`` to its result; errors are results, never exceptions, except bugs."""
@@ -226,62 +244,102 @@ class Pipeline:
             **common,
         )
 
-    def _prepare_all(
-        self, references: Sequence[str], prompts: Sequence[LabelPrompts]
-    ) -> list[Future[tuple[Prepared, Future[BatchOutput]]]]:
-        """Prepare and submit each image: a lone image on this thread (a hand-off to the I/O
-        pool would only add a thread switch), a bulk job's images on the I/O pool in chunks
-        of :data:`PREPARE_CHUNK`, each chunk handed to the batcher at once."""
-        outcomes: list[Future[tuple[Prepared, Future[BatchOutput]]]] = [Future() for _ in references]
+    def _prepare_all(self, references: Sequence[str], prompts: Sequence[LabelPrompts]) -> list[Pending]:
+        """Prepare each image and hand it to the batcher: a lone image on this thread (a
+        hand-off to a pool would only add thread switches), a bulk job's images through the
+        I/O and decode pools in chunks of :data:`PREPARE_CHUNK`."""
+        outcomes: list[Pending] = [Future() for _ in references]
         if len(references) == 1:
-            self._prepare_chunk(references, prompts, outcomes)
+            self._prepare_one(references[0], prompts, outcomes[0])
             return outcomes
         for start in range(0, len(references), PREPARE_CHUNK):
             chunk = slice(start, start + PREPARE_CHUNK)
-            self._io.submit(self._prepare_chunk, references[chunk], prompts, outcomes[chunk])
+            self._fetchers.submit(self._fetch_chunk, references[chunk], prompts, outcomes[chunk])
         return outcomes
 
-    def _prepare_chunk(
-        self,
-        references: Sequence[str],
-        prompts: Sequence[LabelPrompts],
-        outcomes: Sequence[Future[tuple[Prepared, Future[BatchOutput]]]],
+    def _prepare_one(self, reference: str, prompts: Sequence[LabelPrompts], outcome: Pending) -> None:
+        try:
+            data, fetch_ms = self.fetch(reference)
+            with self._decode_slots:
+                pixels, preprocess_ms = self.preprocess(data)
+        except Exception as exc:  # a JobError, or a bug: the image's error, never a crash
+            outcome.set_exception(exc)
+            return
+        self._submit([(pixels, PrepareTimings(fetch_ms, preprocess_ms), outcome)], prompts)
+
+    def _fetch_chunk(
+        self, references: Sequence[str], prompts: Sequence[LabelPrompts], outcomes: Sequence[Pending]
     ) -> None:
-        """Prepare ``references`` in turn and submit the ready ones together; each image's
-        failure lands in its own outcome."""
-        ready: list[tuple[Prepared, Future[tuple[Prepared, Future[BatchOutput]]]]] = []
+        """Once the model is few enough images behind, fetch ``references`` and queue their
+        decoding; each image's failure lands in its own outcome."""
+        self._ahead.acquire(len(references))
+        fetched: list[tuple[bytes, float, Pending]] = []
         for reference, outcome in zip(references, outcomes, strict=True):
             try:
-                ready.append((self.prepare(reference), outcome))
+                fetched.append((*self.fetch(reference), outcome))
             except Exception as exc:  # a JobError, or a bug: this image's error, not the job's
                 outcome.set_exception(exc)
+        self._ahead.release(len(references) - len(fetched))
+        if fetched:
+            self._decoders.submit(self._decode_chunk, fetched, prompts)
+
+    def _decode_chunk(
+        self, fetched: Sequence[tuple[bytes, float, Pending]], prompts: Sequence[LabelPrompts]
+    ) -> None:
+        """Decode and preprocess a fetched chunk and hand it to the batcher together."""
+        ready: list[tuple[np.ndarray, PrepareTimings, Pending]] = []
+        with self._decode_slots:
+            for data, fetch_ms, outcome in fetched:
+                try:
+                    pixels, preprocess_ms = self.preprocess(data)
+                except Exception as exc:  # a JobError, or a bug: this image's error, not the job's
+                    outcome.set_exception(exc)
+                    continue
+                ready.append((pixels, PrepareTimings(fetch_ms, preprocess_ms), outcome))
+        forwards = self._submit(ready, prompts)
+        self._ahead.release(len(fetched) - len(forwards))
+        if forwards:
+            # the batcher takes images in order, so the chunk's last is through the model last
+            forwards[-1].add_done_callback(lambda _: self._ahead.release(len(forwards)))
+
+    def _submit(
+        self, ready: Sequence[tuple[np.ndarray, PrepareTimings, Pending]], prompts: Sequence[LabelPrompts]
+    ) -> list[Future[BatchOutput]]:
+        """Hand prepared images to the batcher in one group; their outcomes keep only the
+        timings and the forward, so the pixels are freed once batched."""
         try:
-            forwards = self.batcher.submit_many([prepared.pixels for prepared, _ in ready], prompts)
-        except Exception as exc:
-            for _, outcome in ready:
+            forwards = self.batcher.submit_many([pixels for pixels, _, _ in ready], prompts)
+        except Exception as exc:  # the batcher refused them: every image's error
+            for _, _, outcome in ready:
                 outcome.set_exception(exc)
-            return
-        for (prepared, outcome), forward in zip(ready, forwards, strict=True):
-            outcome.set_result((prepared, forward))
+            return []
+        for (_, timings, outcome), forward in zip(ready, forwards, strict=True):
+            outcome.set_result((timings, forward))
+        return forwards
 
     def _finish_item(
         self,
         job: JobRequest,
         reference: str,
-        pending: Future[tuple[Prepared, Future[BatchOutput]]],
+        pending: Pending,
         vocabulary: Vocabulary,
     ) -> ItemResult:
         try:
-            prepared, forward = pending.result()
+            timings, forward = pending.result()
             output = forward.result()
         except JobError as error:
             return ItemResult(image=reference, status="error", error=ErrorInfo(**error.to_dict()))
         except Exception as exc:  # a bug or a failed forward: retryable, never silent
             return ItemResult(image=reference, status="error", error=_internal_error(exc))
-        return self.postprocess(job, reference, vocabulary, prepared, output)
+        return self.postprocess(job, reference, vocabulary, timings, output)
 
     def postprocess(
-        self, job: JobRequest, reference: str, vocabulary: Vocabulary, prepared: Prepared, output: BatchOutput
+        self,
+        job: JobRequest,
+        reference: str,
+        vocabulary: Vocabulary,
+        timings: PrepareTimings,
+        output: BatchOutput,
     ) -> ItemResult:
         """Scores, tags, ranks and embeddings for one image from its batch output."""
         assert output.image_embedding is not None
@@ -291,8 +349,8 @@ class Pipeline:
             batch_id=output.batch_id,
             batch_size=output.batch_size,
             timings_ms={
-                "fetch": prepared.fetch_ms,
-                "preprocess": prepared.preprocess_ms,
+                "fetch": timings.fetch_ms,
+                "preprocess": timings.preprocess_ms,
                 "inference": round(output.inference_ms, 3),
             },
         )

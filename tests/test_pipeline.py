@@ -1,0 +1,88 @@
+"""The pipeline in process, on the tiny CLIP: how far bulk images run ahead of the model.
+
+A queue cannot pin this down (the model is too fast to fall behind); here the real forward
+is slowed, and the test counts images fetched against images through the model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from producer.contract import parse_job
+from worker.budget import Budget
+from worker.config import WorkerSettings
+from worker.loading import load_clip
+from worker.pipeline import READY_AHEAD_BATCHES, Pipeline
+
+
+def test_budget_blocks_past_its_limit_and_grants_an_oversized_request_alone():
+    budget = Budget(4)
+    budget.acquire(3)
+    granted = threading.Event()
+
+    def take_two() -> None:
+        budget.acquire(2)
+        granted.set()
+
+    waiter = threading.Thread(target=take_two)
+    waiter.start()
+    assert not granted.wait(0.2), "3 + 2 units do not fit in 4"
+    budget.release(3)
+    assert granted.wait(5)
+    waiter.join()
+    budget.release(2)
+    budget.acquire(9)  # more than the limit, granted because nothing else is in use
+    assert budget.in_use == 9
+    with pytest.raises(ValueError, match="released 10 units with only 9 in use"):
+        budget.release(10)
+    with pytest.raises(ValueError, match="at least 1"):
+        Budget(0)
+
+
+def test_bulk_images_run_no_further_ahead_of_a_slow_model_than_the_budget(tiny_clip: Path, tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    references = []
+    for index in range(120):
+        path = images / f"{index:03d}.jpg"
+        Image.new("RGB", (48, 40), (index * 2, 90, 200 - index)).save(path)
+        references.append(str(path))
+    settings = WorkerSettings(model=str(tiny_clip), device="cpu", local_roots=str(images), max_batch=8)
+    pipeline = Pipeline(load_clip(settings.model, device="cpu"), settings)
+    counts = {"fetched": 0, "forwarded": 0, "most_ahead": 0}
+    lock = threading.Lock()
+    fetch, forward = pipeline.fetch, pipeline.engine.image_embeddings
+
+    def counting_fetch(reference: str) -> tuple[bytes, float]:
+        with lock:
+            counts["fetched"] += 1
+            counts["most_ahead"] = max(counts["most_ahead"], counts["fetched"] - counts["forwarded"])
+        return fetch(reference)
+
+    def slow_forward(pixels: np.ndarray):
+        time.sleep(0.02)
+        embeddings = forward(pixels)
+        with lock:
+            counts["forwarded"] += len(pixels)
+        return embeddings
+
+    pipeline.fetch = counting_fetch  # type: ignore[method-assign]
+    pipeline.engine.image_embeddings = slow_forward  # type: ignore[method-assign]
+    pipeline.start()
+    try:
+        job = parse_job({"job_id": "bulk", "kind": "tag", "images": references, "labels": ["red", "blue"]})
+        result = pipeline.run(job)
+    finally:
+        pipeline.stop()
+
+    assert result.status == "ok"
+    assert [item.image for item in result.items or []] == references
+    assert all(item.status == "ok" and item.scores for item in result.items or [])
+    assert counts["fetched"] == counts["forwarded"] - 1 == 120, "every image once (and the warm-up)"
+    assert counts["most_ahead"] <= READY_AHEAD_BATCHES * settings.max_batch < 120
