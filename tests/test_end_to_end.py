@@ -56,6 +56,8 @@ def test_batching_uses_fewer_forward_passes_than_jobs(start_worker, client, imag
     logged = [json.loads(line) for line in worker.log_text().splitlines() if line.startswith("{")]
     batch_lines = [line for line in logged if line.get("event") == "batch"]
     assert {line["batch_id"] for line in batch_lines} >= batches.keys()
+    frozen = [line["objects"] for line in logged if line.get("event") == "startup_objects_frozen"]
+    assert frozen and frozen[0] > 100_000, "the model and libraries are exempt from garbage collection"
 
 
 def test_invalid_job_is_answered_with_code_and_worker_keeps_going(start_worker, client, image_dir: Path):

@@ -8,6 +8,7 @@ child), and the forward pass releases the GIL.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -45,6 +46,21 @@ def load_model(**_: Any) -> None:
     except Exception as exc:  # the worker must not consume without a model
         print(f"cliptag worker: {exc}", file=sys.stderr, flush=True)
         os._exit(3)
+
+
+@signals.worker_ready.connect
+def freeze_startup_objects(**_: Any) -> None:
+    """Exempt everything alive once the worker is ready from garbage collection.
+
+    The model, torch, transformers and Celery leave ~400,000 objects that live as long as
+    the process; a full collection walks them all with the GIL held, stopping every job
+    thread and the batcher for ~200 ms (measured on this project's 2-core host). Jobs
+    allocate enough to trigger one every few thousand images. Frozen, they are never
+    walked again: a full collection then takes milliseconds.
+    """
+    gc.collect()  # garbage of start-up goes now, or it would be frozen with the rest
+    gc.freeze()
+    log.info("startup_objects_frozen", objects=gc.get_freeze_count())
 
 
 @signals.worker_shutdown.connect
