@@ -7,6 +7,7 @@ the eager one, and how groups of images are split into batches.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,35 @@ def test_a_group_larger_than_a_batch_is_split_and_every_image_answered(loaded: L
     assert outputs[0].text_embeddings.shape == (2, expected.shape[1])
     assert outputs[0].text_embeddings is outputs[3].text_embeddings, "one label matrix per batch and set"
     assert text_output.image_embedding is None and text_output.text_embeddings.shape == (1, expected.shape[1])
+
+
+@pytest.fixture
+def restore_torch_threads() -> Iterator[int]:
+    threads = torch.get_num_threads()
+    yield threads
+    torch.set_num_threads(threads)
+
+
+def test_after_a_short_cpu_pass_the_next_runs_on_the_cores_decoders_leave(
+    loaded: LoadedModel, restore_torch_threads: int
+):
+    size = loaded.model.config.vision_config.image_size
+    torch.set_num_threads(2)
+    free = {"cores": 1}
+    short = ClipEngine(loaded, free_cores=lambda: free["cores"], short_pass_ms=60_000)
+    short.image_embeddings(pixels(2, size))
+    assert torch.get_num_threads() == 2, "the first pass is not known to be short: every core"
+    short.image_embeddings(pixels(2, size))
+    assert torch.get_num_threads() == 1, "a short pass while a decoder holds one of two cores"
+    free["cores"] = 0
+    short.image_embeddings(pixels(2, size))
+    assert torch.get_num_threads() == 1, "never fewer than one thread"
+    free["cores"] = 2
+    short.image_embeddings(pixels(2, size))
+    assert torch.get_num_threads() == 2
+
+    free["cores"] = 1
+    long = ClipEngine(loaded, free_cores=lambda: free["cores"], short_pass_ms=0)
+    for _ in range(2):
+        long.image_embeddings(pixels(2, size))
+        assert torch.get_num_threads() == 2, "after a long pass, every core whatever decodes"

@@ -1,4 +1,5 @@
-"""A counting limit that callers take and give back in any amounts (a semaphore of n at a time)."""
+"""A counting limit that callers take and give back in any amounts (a semaphore of n at a time),
+which says how much of it is in use."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ class Budget:
     """At most ``limit`` units in use at once, shared by threads.
 
     A request for more than ``limit`` units is granted when nothing else is in use, so an
-    oversized request waits its turn instead of waiting forever.
+    oversized request waits its turn instead of waiting forever. ``with budget:`` holds one
+    unit.
 
     Args:
         limit: the units that may be in use at once; at least 1.
@@ -39,3 +41,10 @@ class Budget:
                 raise ValueError(f"released {units} units with only {self._in_use} in use")
             self._in_use -= units
             self._changed.notify_all()
+
+    def __enter__(self) -> Budget:
+        self.acquire()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()

@@ -13,6 +13,7 @@ warning) if tracing fails or disagrees.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -32,6 +33,10 @@ TRACE_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-
 
 TEXT_CHUNK = 256
 """Prompts encoded per text forward; bounds memory for jobs with thousands of labels."""
+
+SHORT_PASS_MS = 20.0
+"""A CPU image pass shorter than this is short: the next one runs on the cores that
+decoding threads leave free (see :class:`ClipEngine`)."""
 
 
 def normalize(embeddings: torch.Tensor) -> torch.Tensor:
@@ -81,13 +86,32 @@ def traced_image_tower(tower: ImageTower, example: torch.Tensor) -> ImageForward
 class ClipEngine:
     """Runs CLIP's two towers.
 
+    On the CPU, torch runs each operation on a team of OpenMP threads, one per core, that
+    meet at a barrier after every operation. While other threads of the process decode
+    images, a team that size keeps waiting at those barriers for a thread whose core a
+    decoder holds. A long pass (ViT-B/32: seconds per batch) hardly notices; a short one
+    took several times as long as it computed. So after a pass shorter than
+    ``short_pass_ms``, the next pass gets only the cores ``free_cores`` reports; after a
+    long one, every core torch was given.
+
     Args:
         loaded: the model, tokenizer and processor from :func:`worker.loading.load_clip`.
         label_cache_size: the most prompt embeddings kept (least recently used go first).
         trace: run the image tower as a TorchScript trace (see the module docstring).
+        free_cores: how many cores no decoding thread holds right now; ``None`` leaves
+            torch's thread count alone.
+        short_pass_ms: see above; passes on CUDA are never shortened this way.
     """
 
-    def __init__(self, loaded: LoadedModel, *, label_cache_size: int = 100_000, trace: bool = True) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        label_cache_size: int = 100_000,
+        trace: bool = True,
+        free_cores: Callable[[], int] | None = None,
+        short_pass_ms: float = SHORT_PASS_MS,
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -102,6 +126,10 @@ class ClipEngine:
         self._image_forward: ImageForward | None = None
         self.traced: bool | None = None
         """Whether the image tower runs traced; ``None`` until the first image batch."""
+        self._free_cores = free_cores if self.device.type == "cpu" else None
+        self._all_cores = torch.get_num_threads()
+        self._short_pass_ms = short_pass_ms
+        self._last_pass_ms = float("inf")
 
     def _image_tower(self) -> ImageForward:
         """The image forward, traced on the first call: on the thread that runs the model,
@@ -125,7 +153,19 @@ class ClipEngine:
         if self.device.type == "cuda":
             host = host.pin_memory()
         batch = host.to(self.device, non_blocking=True).to(self.dtype)
-        return self._image_tower()(batch).cpu()
+        self._size_cpu_team()
+        started = time.perf_counter()
+        embeddings = self._image_tower()(batch).cpu()
+        self._last_pass_ms = (time.perf_counter() - started) * 1000.0
+        return embeddings
+
+    def _size_cpu_team(self) -> None:
+        if self._free_cores is None:
+            return
+        short = self._last_pass_ms < self._short_pass_ms
+        threads = max(1, min(self._all_cores, self._free_cores())) if short else self._all_cores
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalized embeddings of ``prompts``, from the cache where possible."""

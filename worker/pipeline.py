@@ -15,7 +15,6 @@ batches, and a job keeps only its images' timings once they are in a batch, so a
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -122,17 +121,24 @@ class Pipeline:
         self.model_info = ModelInfo(id=loaded.source, revision=loaded.revision)
         self.fetcher = Fetcher(fetch_policy(settings))
         self.transform: ImageTransform = make_transform(loaded.processor, exact=settings.exact_preprocess)
-        self.engine = ClipEngine(loaded, label_cache_size=settings.label_cache_size, trace=settings.trace)
+        decode_threads = settings.decode_threads or os.cpu_count() or 1
+        # single-image jobs decode on their own threads: this bounds them and the decode
+        # pool together to one decoding thread per core, and tells the engine how many
+        # cores decoding holds
+        self._decoding = Budget(decode_threads)
+        cores = os.cpu_count() or 1
+        self.engine = ClipEngine(
+            loaded,
+            label_cache_size=settings.label_cache_size,
+            trace=settings.trace,
+            free_cores=lambda: cores - self._decoding.in_use,
+        )
         self.batcher = Batcher(
             self.engine, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, on_batch=on_batch
         )
         self.label_sets = None if label_sets is None else LabelSetCache(label_sets, self._encode_labels)
-        decode_threads = settings.decode_threads or os.cpu_count() or 1
         self._fetchers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="cliptag-io")
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="cliptag-decode")
-        # single-image jobs decode on their own threads: this bounds them and the decode
-        # pool together to one decoding thread per core
-        self._decode_slots = threading.BoundedSemaphore(decode_threads)
         self._ahead = Budget(READY_AHEAD_BATCHES * settings.max_batch)
 
     def start(self) -> Pipeline:
@@ -260,7 +266,7 @@ class Pipeline:
     def _prepare_one(self, reference: str, prompts: Sequence[LabelPrompts], outcome: Pending) -> None:
         try:
             data, fetch_ms = self.fetch(reference)
-            with self._decode_slots:
+            with self._decoding:
                 pixels, preprocess_ms = self.preprocess(data)
         except Exception as exc:  # a JobError, or a bug: the image's error, never a crash
             outcome.set_exception(exc)
@@ -288,7 +294,7 @@ class Pipeline:
     ) -> None:
         """Decode and preprocess a fetched chunk and hand it to the batcher together."""
         ready: list[tuple[np.ndarray, PrepareTimings, Pending]] = []
-        with self._decode_slots:
+        with self._decoding:
             for data, fetch_ms, outcome in fetched:
                 try:
                     pixels, preprocess_ms = self.preprocess(data)
