@@ -32,11 +32,10 @@ class WorkerSettings(QueueSettings):
         label_cache_size: text embeddings kept in the LRU cache.
         trace: run the image tower as a TorchScript trace, which releases the GIL once per
             batch instead of once per operation (``worker.engine``); off runs it eagerly.
-        io_threads: threads that fetch bulk jobs' images ahead of the model (any number
-            may wait on the network).
-        decode_threads: threads that decode and preprocess bulk jobs' images, and the most
-            threads decoding at once, single-image jobs' own threads included (more only
-            fight over the GIL); 0 means one per CPU core.
+        io_threads: threads that fetch images ahead of the model (any number may wait on
+            the network); 0 means one per job thread, as many as ``concurrency`` gives.
+        decode_threads: threads that decode and preprocess the fetched images; 0 means
+            one per CPU core (more only fight over the GIL).
         local_roots: directories local image paths may be read from (``:``-separated).
         max_image_bytes: the largest image download or file accepted.
         max_pixels: the largest decoded image (width × height) accepted.
@@ -73,7 +72,7 @@ class WorkerSettings(QueueSettings):
     exact_preprocess: bool = False
     label_cache_size: int = Field(default=100_000, ge=0)
     trace: bool = True
-    io_threads: int = Field(default=8, ge=1)
+    io_threads: int = Field(default=0, ge=0)
     decode_threads: int = Field(default=0, ge=0)
     local_roots: str = ""
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)

@@ -1,13 +1,12 @@
 """One job from request to result: preprocess → forward (batched) → postprocess.
 
 No Celery here: the Celery task, the benchmarks and the tests all drive this class.
-A single-image job fetches and decodes its image on its own thread. A bulk job's images
-go in chunks through two pools: I/O threads fetch (any number may wait on the network),
-decode threads (one per core: more only fight over the GIL) decode and preprocess and
-hand each chunk to the batcher. So the next images are ready while the model runs the
-current batch, and a slow download never holds a batch.
+A job's images go in chunks through two pools: I/O threads fetch (any number may wait
+on the network), decode threads (one per core: more only fight over the GIL) decode and
+preprocess, and hand each chunk to the batcher. So the next images are ready while the
+model runs the current batch, and a slow download never holds a batch.
 
-Bulk images are fetched no further ahead of the model than :data:`READY_AHEAD_BATCHES`
+Images are fetched no further ahead of the model than :data:`READY_AHEAD_BATCHES`
 batches, and a job keeps only its images' timings once they are in a batch, so a
 10,000-image job holds a few batches of pixels, not 10,000 images' worth.
 """
@@ -39,11 +38,11 @@ from worker.scoring import encode_embedding, rank_labels, rank_texts
 from worker.similarity import label_scores
 
 PREPARE_CHUNK = 16
-"""Images of a bulk job fetched, decoded and handed to the batcher together: fewer thread
+"""Images of a job fetched, decoded and handed to the batcher together: fewer thread
 hand-offs per image, and fuller batches."""
 
 READY_AHEAD_BATCHES = 4
-"""Bulk images that may be fetched or decoded but not yet through the model, in batches of
+"""Images that may be fetched or decoded but not yet through the model, in batches of
 ``max_batch``: enough to keep the model fed, while memory stays bounded (a decoded
 ViT-B/32 input is 0.6 MB of float32, a fetched file up to ``CLIPTAG_MAX_IMAGE_BYTES``)."""
 
@@ -122,9 +121,7 @@ class Pipeline:
         self.fetcher = Fetcher(fetch_policy(settings))
         self.transform: ImageTransform = make_transform(loaded.processor, exact=settings.exact_preprocess)
         decode_threads = settings.decode_threads or os.cpu_count() or 1
-        # single-image jobs decode on their own threads: this bounds them and the decode
-        # pool together to one decoding thread per core, and tells the engine how many
-        # cores decoding holds
+        # held by each decode thread while it decodes: tells the engine how many cores that takes
         self._decoding = Budget(decode_threads)
         cores = os.cpu_count() or 1
         self.engine = ClipEngine(
@@ -137,7 +134,9 @@ class Pipeline:
             self.engine, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, on_batch=on_batch
         )
         self.label_sets = None if label_sets is None else LabelSetCache(label_sets, self._encode_labels)
-        self._fetchers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="cliptag-io")
+        self._fetchers = ThreadPoolExecutor(
+            settings.io_threads or settings.worker_concurrency, thread_name_prefix="cliptag-io"
+        )
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="cliptag-decode")
         self._ahead = Budget(READY_AHEAD_BATCHES * settings.max_batch)
 
@@ -165,7 +164,7 @@ class Pipeline:
         return self.fetcher.fetch(reference), _elapsed_ms(started)
 
     def preprocess(self, data: bytes) -> tuple[np.ndarray, float]:
-        """Decoded and transformed pixels, and milliseconds taken; the caller holds a decode slot."""
+        """Decoded and transformed pixels, and milliseconds taken."""
         started = time.perf_counter()
         image = decode_image(data, max_pixels=self.settings.max_pixels, draft_size=self.transform.draft_size)
         return self.transform(image), _elapsed_ms(started)
@@ -251,27 +250,16 @@ class Pipeline:
         )
 
     def _prepare_all(self, references: Sequence[str], prompts: Sequence[LabelPrompts]) -> list[Pending]:
-        """Prepare each image and hand it to the batcher: a lone image on this thread (a
-        hand-off to a pool would only add thread switches), a bulk job's images through the
-        I/O and decode pools in chunks of :data:`PREPARE_CHUNK`."""
+        """Send the images through the I/O and decode pools in chunks of :data:`PREPARE_CHUNK`.
+
+        A lone image goes the same way: decoding on the job's own thread measured slower,
+        with dozens of job threads contending for the decode slots and the GIL.
+        """
         outcomes: list[Pending] = [Future() for _ in references]
-        if len(references) == 1:
-            self._prepare_one(references[0], prompts, outcomes[0])
-            return outcomes
         for start in range(0, len(references), PREPARE_CHUNK):
             chunk = slice(start, start + PREPARE_CHUNK)
             self._fetchers.submit(self._fetch_chunk, references[chunk], prompts, outcomes[chunk])
         return outcomes
-
-    def _prepare_one(self, reference: str, prompts: Sequence[LabelPrompts], outcome: Pending) -> None:
-        try:
-            data, fetch_ms = self.fetch(reference)
-            with self._decoding:
-                pixels, preprocess_ms = self.preprocess(data)
-        except Exception as exc:  # a JobError, or a bug: the image's error, never a crash
-            outcome.set_exception(exc)
-            return
-        self._submit([(pixels, PrepareTimings(fetch_ms, preprocess_ms), outcome)], prompts)
 
     def _fetch_chunk(
         self, references: Sequence[str], prompts: Sequence[LabelPrompts], outcomes: Sequence[Pending]
