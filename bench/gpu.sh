@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-common=(--device cuda --images "${CLIPTAG_BENCH_IMAGES:-2048}" --tower-batches 20 --threads "$(nproc)")
+common=(--device cuda --rounds 1 --images "${CLIPTAG_BENCH_IMAGES:-2048}" --tower-batches 20 --threads "$(nproc)")
 python bench/throughput.py "${common[@]}" --dtype float16 --batch 64 --parts naive --naive-images 64
 for dtype in float16 bfloat16; do
   for batch in 64 256 512; do

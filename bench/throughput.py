@@ -14,6 +14,9 @@ Parts (``--parts``, comma-separated; default all):
                 three rounds in turn (``--overhead-rounds``), medians reported;
 * ``latency``   p50/p95 of one job at a time on an idle worker.
 
+Parts 1–4 run in turn for ``--rounds`` rounds (default 3) and their medians are reported,
+so that the ratios compare figures taken minutes, not a whole run, apart.
+
 The model is a full-size ViT-B/32 (the default ``CLIPConfig``) with random weights, saved to
 ``--workdir`` and loaded through the production path: it costs what the real one costs.
 
@@ -59,6 +62,7 @@ IDLE_GAP_S = 0.2
 OVERHEAD_SIZE = (128, 96)
 """Overhead runs use thumbnails, so neither decode nor inference hides the framework's cost."""
 ALL_PARTS = ("tower", "inprocess", "naive", "e2e", "overhead", "latency")
+QUEUE_PARTS = frozenset({"e2e", "overhead", "latency"})
 
 
 def prompts(labels: Sequence[str]) -> list[str]:
@@ -270,6 +274,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--naive-images", type=int, default=32, help="images for the naive loop (default 32)")
     parser.add_argument("--tower-batches", type=int, default=4, help="timed batches for tower (default 4)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of parts 1-4, run in turn; medians are reported (default 3)",
+    )
+    parser.add_argument(
         "--overhead-jobs", type=int, default=600, help="jobs for the overhead part (default 600)"
     )
     parser.add_argument("--bulk-size", type=int, default=100, help="images per bulk job (default 100)")
@@ -315,47 +325,80 @@ def main(argv: Sequence[str] | None = None) -> None:
         figures[name] = value
         print(f"{name:<34} {value:10.2f} {unit}", flush=True)
 
-    if "tower" in parts:
-        report("1 tower ceiling", bench_tower(engine, batch=args.batch, batches=args.tower_batches))
-    if "inprocess" in parts:
-        report(
-            "2 in-process batched",
-            bench_inprocess(engine, transform, files, batch=args.batch, threads=args.threads),
+    queue_bench = QueueBench(args.workdir, batch=args.batch) if parts & QUEUE_PARTS else None
+    try:
+        medians = full_size_rounds(
+            args,
+            parts,
+            checkpoint=full,
+            loaded=loaded,
+            engine=engine,
+            transform=transform,
+            files=files,
+            queue_bench=queue_bench,
         )
-    if "naive" in parts:
-        naive = bench_naive(str(full), files[: args.naive_images], device=loaded.device, dtype=loaded.dtype)
-        report("3 naive per-image", naive)
-    if parts & {"e2e", "overhead", "latency"}:
-        queue_bench = QueueBench(args.workdir, batch=args.batch)
-        try:
-            if "e2e" in parts:
-                report("4 end to end (worker)", queue_bench.jobs_per_second(str(full), "e2e", files))
-            if "overhead" in parts:
-                tiny = args.workdir / "tiny-clip"
-                if not (tiny / "config.json").exists():
-                    build_tiny_clip(tiny)
-                small = make_images(args.workdir / "small", args.overhead_jobs, sizes=[OVERHEAD_SIZE])
-                rounds: dict[str, list[float]] = {"tiny": [], "noop": [], "bulk": []}
-                for number in range(1, args.overhead_rounds + 1):
-                    rounds["tiny"].append(queue_bench.jobs_per_second(str(tiny), "tiny", small))
-                    rounds["noop"].append(queue_bench.noop_per_second("noop", args.overhead_jobs))
-                    rounds["bulk"].append(
-                        queue_bench.bulk_images_per_second(str(tiny), "bulk", small, bulk=args.bulk_size)
-                    )
-                    figures_of_round = ", ".join(f"{name} {rates[-1]:.1f}" for name, rates in rounds.items())
-                    print(f"  overhead round {number}: {figures_of_round}", flush=True)
-                report("5 tiny model e2e", statistics.median(rounds["tiny"]), "jobs/s")
-                report("5 bare Celery no-op", statistics.median(rounds["noop"]), "jobs/s")
-                report("5 tiny single jobs", figures["5 tiny model e2e"])
-                report("5 tiny bulk jobs", statistics.median(rounds["bulk"]))
-            if "latency" in parts:
-                latencies = queue_bench.latencies_ms(str(full), "latency", files[0], count=args.latency_jobs)
-                report("6 idle latency p50", percentile(latencies, 0.5), "ms")
-                report("6 idle latency p95", percentile(latencies, 0.95), "ms")
-                report("6 in-process batch-1 path", idle_forward_ms(engine, transform, files[0]), "ms")
-        finally:
+        for name, value in medians.items():
+            report(name, value)
+        if queue_bench is not None and "overhead" in parts:
+            tiny = args.workdir / "tiny-clip"
+            if not (tiny / "config.json").exists():
+                build_tiny_clip(tiny)
+            small = make_images(args.workdir / "small", args.overhead_jobs, sizes=[OVERHEAD_SIZE])
+            rounds: dict[str, list[float]] = {"tiny": [], "noop": [], "bulk": []}
+            for number in range(1, args.overhead_rounds + 1):
+                rounds["tiny"].append(queue_bench.jobs_per_second(str(tiny), "tiny", small))
+                rounds["noop"].append(queue_bench.noop_per_second("noop", args.overhead_jobs))
+                rounds["bulk"].append(
+                    queue_bench.bulk_images_per_second(str(tiny), "bulk", small, bulk=args.bulk_size)
+                )
+                figures_of_round = ", ".join(f"{name} {rates[-1]:.1f}" for name, rates in rounds.items())
+                print(f"  overhead round {number}: {figures_of_round}", flush=True)
+            report("5 tiny model e2e", statistics.median(rounds["tiny"]), "jobs/s")
+            report("5 bare Celery no-op", statistics.median(rounds["noop"]), "jobs/s")
+            report("5 tiny single jobs", figures["5 tiny model e2e"])
+            report("5 tiny bulk jobs", statistics.median(rounds["bulk"]))
+        if queue_bench is not None and "latency" in parts:
+            latencies = queue_bench.latencies_ms(str(full), "latency", files[0], count=args.latency_jobs)
+            report("6 idle latency p50", percentile(latencies, 0.5), "ms")
+            report("6 idle latency p95", percentile(latencies, 0.95), "ms")
+            report("6 in-process batch-1 path", idle_forward_ms(engine, transform, files[0]), "ms")
+    finally:
+        if queue_bench is not None:
             queue_bench.close()
     print_ratios(figures)
+
+
+def full_size_rounds(
+    args: argparse.Namespace,
+    parts: set[str],
+    *,
+    checkpoint: Path,
+    loaded: LoadedModel,
+    engine: ClipEngine,
+    transform: ImageTransform,
+    files: Sequence[Path],
+    queue_bench: QueueBench | None,
+) -> dict[str, float]:
+    """Parts 1–4 in turn for ``--rounds`` rounds; the median of each (the host drifts)."""
+    rounds: dict[str, list[float]] = {}
+    for number in range(1, args.rounds + 1):
+        if "tower" in parts:
+            rate = bench_tower(engine, batch=args.batch, batches=args.tower_batches)
+            rounds.setdefault("1 tower ceiling", []).append(rate)
+        if "inprocess" in parts:
+            rate = bench_inprocess(engine, transform, files, batch=args.batch, threads=args.threads)
+            rounds.setdefault("2 in-process batched", []).append(rate)
+        if "naive" in parts:
+            naive_files = files[: args.naive_images]
+            rate = bench_naive(str(checkpoint), naive_files, device=loaded.device, dtype=loaded.dtype)
+            rounds.setdefault("3 naive per-image", []).append(rate)
+        if "e2e" in parts and queue_bench is not None:
+            rate = queue_bench.jobs_per_second(str(checkpoint), "e2e", files)
+            rounds.setdefault("4 end to end (worker)", []).append(rate)
+        if args.rounds > 1 and rounds:
+            figures_of_round = ", ".join(f"{name[0]}: {rates[-1]:.2f}" for name, rates in rounds.items())
+            print(f"  full-size round {number}: {figures_of_round}", flush=True)
+    return {name: statistics.median(rates) for name, rates in rounds.items()}
 
 
 def print_ratios(figures: dict[str, float]) -> None:
