@@ -99,8 +99,8 @@ class ClipEngine:
         label_cache_size: the most prompt embeddings kept (least recently used go first).
         trace: run the image tower as a TorchScript trace (see the module docstring).
         free_cores: how many cores no decoding thread holds right now; ``None`` leaves
-            torch's thread count alone.
-        short_pass_ms: see above; passes on CUDA are never shortened this way.
+            torch's thread count alone, and so does a CUDA device.
+        short_pass_ms: the line between a short pass and a long one (see above).
     """
 
     def __init__(
