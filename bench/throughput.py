@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     queue_bench = QueueBench(args.workdir, batch=args.batch) if parts & QUEUE_PARTS else None
     try:
-        medians = full_size_rounds(
+        measures = full_size_measures(
             args,
             parts,
             checkpoint=full,
@@ -337,26 +337,28 @@ def main(argv: Sequence[str] | None = None) -> None:
             files=files,
             queue_bench=queue_bench,
         )
-        for name, value in medians.items():
+        for name, value in median_of_rounds("full-size", args.rounds, measures).items():
             report(name, value)
         if queue_bench is not None and "overhead" in parts:
             tiny = args.workdir / "tiny-clip"
             if not (tiny / "config.json").exists():
                 build_tiny_clip(tiny)
             small = make_images(args.workdir / "small", args.overhead_jobs, sizes=[OVERHEAD_SIZE])
-            rounds: dict[str, list[float]] = {"tiny": [], "noop": [], "bulk": []}
-            for number in range(1, args.overhead_rounds + 1):
-                rounds["tiny"].append(queue_bench.jobs_per_second(str(tiny), "tiny", small))
-                rounds["noop"].append(queue_bench.noop_per_second("noop", args.overhead_jobs))
-                rounds["bulk"].append(
-                    queue_bench.bulk_images_per_second(str(tiny), "bulk", small, bulk=args.bulk_size)
-                )
-                figures_of_round = ", ".join(f"{name} {rates[-1]:.1f}" for name, rates in rounds.items())
-                print(f"  overhead round {number}: {figures_of_round}", flush=True)
-            report("5 tiny model e2e", statistics.median(rounds["tiny"]), "jobs/s")
-            report("5 bare Celery no-op", statistics.median(rounds["noop"]), "jobs/s")
-            report("5 tiny single jobs", figures["5 tiny model e2e"])
-            report("5 tiny bulk jobs", statistics.median(rounds["bulk"]))
+            overhead = median_of_rounds(
+                "overhead",
+                args.overhead_rounds,
+                {
+                    "tiny": lambda: queue_bench.jobs_per_second(str(tiny), "tiny", small),
+                    "noop": lambda: queue_bench.noop_per_second("noop", args.overhead_jobs),
+                    "bulk": lambda: queue_bench.bulk_images_per_second(
+                        str(tiny), "bulk", small, bulk=args.bulk_size
+                    ),
+                },
+            )
+            report("5 tiny model e2e", overhead["tiny"], "jobs/s")
+            report("5 bare Celery no-op", overhead["noop"], "jobs/s")
+            report("5 tiny single jobs", overhead["tiny"])
+            report("5 tiny bulk jobs", overhead["bulk"])
         if queue_bench is not None and "latency" in parts:
             latencies = queue_bench.latencies_ms(str(full), "latency", files[0], count=args.latency_jobs)
             report("6 idle latency p50", percentile(latencies, 0.5), "ms")
@@ -368,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_ratios(figures)
 
 
-def full_size_rounds(
+def full_size_measures(
     args: argparse.Namespace,
     parts: set[str],
     *,
@@ -378,27 +380,37 @@ def full_size_rounds(
     transform: ImageTransform,
     files: Sequence[Path],
     queue_bench: QueueBench | None,
-) -> dict[str, float]:
-    """Parts 1–4 in turn for ``--rounds`` rounds; the median of each (the host drifts)."""
-    rounds: dict[str, list[float]] = {}
-    for number in range(1, args.rounds + 1):
-        if "tower" in parts:
-            rate = bench_tower(engine, batch=args.batch, batches=args.tower_batches)
-            rounds.setdefault("1 tower ceiling", []).append(rate)
-        if "inprocess" in parts:
-            rate = bench_inprocess(engine, transform, files, batch=args.batch, threads=args.threads)
-            rounds.setdefault("2 in-process batched", []).append(rate)
-        if "naive" in parts:
-            naive_files = files[: args.naive_images]
-            rate = bench_naive(str(checkpoint), naive_files, device=loaded.device, dtype=loaded.dtype)
-            rounds.setdefault("3 naive per-image", []).append(rate)
-        if "e2e" in parts and queue_bench is not None:
-            rate = queue_bench.jobs_per_second(str(checkpoint), "e2e", files)
-            rounds.setdefault("4 end to end (worker)", []).append(rate)
-        if args.rounds > 1 and rounds:
-            figures_of_round = ", ".join(f"{name[0]}: {rates[-1]:.2f}" for name, rates in rounds.items())
-            print(f"  full-size round {number}: {figures_of_round}", flush=True)
-    return {name: statistics.median(rates) for name, rates in rounds.items()}
+) -> dict[str, Callable[[], float]]:
+    """Parts 1–4 of ``parts``, by the name they are reported under, each measuring once."""
+    measures: dict[str, Callable[[], float]] = {}
+    if "tower" in parts:
+        measures["1 tower ceiling"] = lambda: bench_tower(
+            engine, batch=args.batch, batches=args.tower_batches
+        )
+    if "inprocess" in parts:
+        measures["2 in-process batched"] = lambda: bench_inprocess(
+            engine, transform, files, batch=args.batch, threads=args.threads
+        )
+    if "naive" in parts:
+        measures["3 naive per-image"] = lambda: bench_naive(
+            str(checkpoint), files[: args.naive_images], device=loaded.device, dtype=loaded.dtype
+        )
+    if "e2e" in parts and queue_bench is not None:
+        measures["4 end to end (worker)"] = lambda: queue_bench.jobs_per_second(str(checkpoint), "e2e", files)
+    return measures
+
+
+def median_of_rounds(label: str, rounds: int, measures: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Every measure in turn, ``rounds`` times (the host drifts); each round's figures are
+    printed, and the median of each measure returned."""
+    rates: dict[str, list[float]] = {name: [] for name in measures}
+    for number in range(1, rounds + 1):
+        for name, measure in measures.items():
+            rates[name].append(measure())
+        if rounds > 1 and measures:
+            figures_of_round = ", ".join(f"{name} {values[-1]:.2f}" for name, values in rates.items())
+            print(f"  {label} round {number}: {figures_of_round}", flush=True)
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def print_ratios(figures: dict[str, float]) -> None:
