@@ -11,6 +11,7 @@ from producer.client import Client
 from producer.config import QueueSettings
 from producer.errors import ErrorCode, JobError, JobFailed
 from tests.reference import ReferenceClip
+from worker.cores import usable_cores
 
 LABEL_SETS = [["cat", "dog", "car"], ["cup", "rocket"], ["person", "a photo", "cat", "the dog"]]
 
@@ -58,6 +59,9 @@ def test_batching_uses_fewer_forward_passes_than_jobs(start_worker, client, imag
     assert {line["batch_id"] for line in batch_lines} >= batches.keys()
     frozen = [line["objects"] for line in logged if line.get("event") == "startup_objects_frozen"]
     assert frozen and frozen[0] > 100_000, "the model and libraries are exempt from garbage collection"
+    ready = next(line for line in logged if line.get("event") == "model_ready")
+    assert ready["cpu_cores"] == ready["decode_threads"] == usable_cores(), "one decoder per usable core"
+    assert 1 <= ready["torch_threads"] <= usable_cores()
 
 
 def test_invalid_job_is_answered_with_code_and_worker_keeps_going(start_worker, client, image_dir: Path):

@@ -91,3 +91,16 @@ def test_after_a_short_cpu_pass_the_next_runs_on_the_cores_decoders_leave(
     for _ in range(2):
         long.image_embeddings(pixels(2, size))
         assert torch.get_num_threads() == 2, "after a long pass, every core whatever decodes"
+
+
+def test_cpu_passes_run_on_no_more_threads_than_the_cores_the_process_may_use(
+    loaded: LoadedModel, restore_torch_threads: int
+):
+    size = loaded.model.config.vision_config.image_size
+    torch.set_num_threads(2)
+    capped = ClipEngine(loaded, cpu_threads=1)
+    assert capped.cpu_threads == 1
+    capped.image_embeddings(pixels(2, size))
+    assert torch.get_num_threads() == 1, "a CPU quota of one core: one thread, not torch's two"
+    torch.set_num_threads(2)
+    assert ClipEngine(loaded, cpu_threads=8).cpu_threads == 2, "never more than torch was given"

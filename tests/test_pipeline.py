@@ -18,7 +18,7 @@ from producer.contract import parse_job
 from worker.budget import Budget
 from worker.config import WorkerSettings
 from worker.loading import load_clip
-from worker.pipeline import READY_AHEAD_BATCHES, Pipeline
+from worker.pipeline import PREPARE_CHUNK, Pipeline, ready_ahead_limit
 
 
 def test_budget_blocks_past_its_limit_and_grants_an_oversized_request_alone():
@@ -45,7 +45,10 @@ def test_budget_blocks_past_its_limit_and_grants_an_oversized_request_alone():
         Budget(0)
 
 
-def test_bulk_images_run_no_further_ahead_of_a_slow_model_than_the_budget(tiny_clip: Path, tmp_path: Path):
+@pytest.mark.parametrize("max_batch", [8, 1])
+def test_bulk_images_run_no_further_ahead_of_a_slow_model_than_the_budget(
+    tiny_clip: Path, tmp_path: Path, max_batch: int
+):
     images = tmp_path / "images"
     images.mkdir()
     references = []
@@ -53,7 +56,9 @@ def test_bulk_images_run_no_further_ahead_of_a_slow_model_than_the_budget(tiny_c
         path = images / f"{index:03d}.jpg"
         Image.new("RGB", (48, 40), (index * 2, 90, 200 - index)).save(path)
         references.append(str(path))
-    settings = WorkerSettings(model=str(tiny_clip), device="cpu", local_roots=str(images), max_batch=8)
+    settings = WorkerSettings(
+        model=str(tiny_clip), device="cpu", local_roots=str(images), max_batch=max_batch
+    )
     pipeline = Pipeline(load_clip(settings.model, device="cpu"), settings)
     counts = {"fetched": 0, "forwarded": 0, "most_ahead": 0}
     lock = threading.Lock()
@@ -85,4 +90,6 @@ def test_bulk_images_run_no_further_ahead_of_a_slow_model_than_the_budget(tiny_c
     assert [item.image for item in result.items or []] == references
     assert all(item.status == "ok" and item.scores for item in result.items or [])
     assert counts["fetched"] == counts["forwarded"] - 1 == 120, "every image once (and the warm-up)"
-    assert counts["most_ahead"] <= READY_AHEAD_BATCHES * settings.max_batch < 120
+    assert PREPARE_CHUNK < counts["most_ahead"] <= ready_ahead_limit(max_batch) < 120, (
+        "a chunk is prepared while the model runs the one before, and no more than the budget"
+    )

@@ -35,7 +35,8 @@ class WorkerSettings(QueueSettings):
         io_threads: threads that fetch images ahead of the model (any number may wait on
             the network); 0 means one per job thread, as many as ``concurrency`` gives.
         decode_threads: threads that decode and preprocess the fetched images; 0 means
-            one per CPU core (more only fight over the GIL).
+            one per CPU core the process may use (more only fight over the GIL), counted
+            from its CPU affinity and cgroup quota (:func:`worker.cores.usable_cores`).
         local_roots: directories local image paths may be read from (``:``-separated).
         max_image_bytes: the largest image download or file accepted.
         max_pixels: the largest decoded image (width × height) accepted.

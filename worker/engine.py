@@ -98,9 +98,12 @@ class ClipEngine:
         loaded: the model, tokenizer and processor from :func:`worker.loading.load_clip`.
         label_cache_size: the most prompt embeddings kept (least recently used go first).
         trace: run the image tower as a TorchScript trace (see the module docstring).
-        free_cores: how many cores no decoding thread holds right now; ``None`` leaves
-            torch's thread count alone, and so does a CUDA device.
+        free_cores: how many cores no decoding thread holds right now; ``None`` runs
+            every pass on ``cpu_threads``. A CUDA device ignores it.
         short_pass_ms: the line between a short pass and a long one (see above).
+        cpu_threads: the most threads a CPU pass runs on (the cores the process may use,
+            :func:`worker.cores.usable_cores`); ``None`` keeps torch's own count, which
+            knows nothing of a container's CPU quota.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class ClipEngine:
         trace: bool = True,
         free_cores: Callable[[], int] | None = None,
         short_pass_ms: float = SHORT_PASS_MS,
+        cpu_threads: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -126,8 +130,9 @@ class ClipEngine:
         self._image_forward: ImageForward | None = None
         self.traced: bool | None = None
         """Whether the image tower runs traced; ``None`` until the first image batch."""
-        self._free_cores = free_cores if self.device.type == "cpu" else None
-        self._all_cores = torch.get_num_threads()
+        self._free_cores = free_cores
+        self.cpu_threads = min(torch.get_num_threads(), cpu_threads or torch.get_num_threads())
+        """The threads a long CPU pass runs on."""
         self._short_pass_ms = short_pass_ms
         self._last_pass_ms = float("inf")
 
@@ -160,10 +165,11 @@ class ClipEngine:
         return embeddings
 
     def _size_cpu_team(self) -> None:
-        if self._free_cores is None:
+        if self.device.type != "cpu":
             return
-        short = self._last_pass_ms < self._short_pass_ms
-        threads = max(1, min(self._all_cores, self._free_cores())) if short else self._all_cores
+        threads = self.cpu_threads
+        if self._free_cores is not None and self._last_pass_ms < self._short_pass_ms:
+            threads = max(1, min(threads, self._free_cores()))
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
 

@@ -13,7 +13,6 @@ batches, and a job keeps only its images' timings once they are in a batch, so a
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +26,7 @@ from producer.errors import ErrorCode, JobError, shorten
 from worker.batcher import Batcher, BatchOutput, BatchStats, LabelPrompts
 from worker.budget import Budget
 from worker.config import WorkerSettings
+from worker.cores import usable_cores
 from worker.decode import decode_image
 from worker.engine import ClipEngine
 from worker.fetch import Fetcher, FetchPolicy
@@ -43,7 +43,8 @@ hand-offs per image, and fuller batches."""
 
 READY_AHEAD_BATCHES = 4
 """Images that may be fetched or decoded but not yet through the model, in batches of
-``max_batch``: enough to keep the model fed, while memory stays bounded (a decoded
+``max_batch`` (and never fewer than two chunks, so that one chunk is prepared while the
+model runs the other): enough to keep the model fed, while memory stays bounded (a decoded
 ViT-B/32 input is 0.6 MB of float32, a fetched file up to ``CLIPTAG_MAX_IMAGE_BYTES``)."""
 
 
@@ -80,6 +81,12 @@ Pending = Future[tuple[PrepareTimings, Future[BatchOutput]]]
 """One image of a job: resolved once it is in the batcher's hands (or failed before)."""
 
 
+def ready_ahead_limit(max_batch: int) -> int:
+    """The most images fetched or decoded but not yet through the model (see
+    :data:`READY_AHEAD_BATCHES`)."""
+    return max(READY_AHEAD_BATCHES * max_batch, 2 * PREPARE_CHUNK)
+
+
 def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
     """The fetch limits ``settings`` configure."""
     return FetchPolicy(
@@ -106,6 +113,10 @@ class Pipeline:
         settings: batch size, wait, preprocessing mode and fetch limits.
         label_sets: the store ``label_set`` names are read from; ``None`` refuses them.
         on_batch: called after every forward pass (logging, metrics).
+
+    Attributes:
+        cores: the CPU cores this process may use (its affinity and cgroup CPU quota).
+        decode_threads: threads that decode and preprocess images.
     """
 
     def __init__(
@@ -120,15 +131,16 @@ class Pipeline:
         self.model_info = ModelInfo(id=loaded.source, revision=loaded.revision)
         self.fetcher = Fetcher(fetch_policy(settings))
         self.transform: ImageTransform = make_transform(loaded.processor, exact=settings.exact_preprocess)
-        decode_threads = settings.decode_threads or os.cpu_count() or 1
+        self.cores = usable_cores()
+        self.decode_threads = settings.decode_threads or self.cores
         # held by each decode thread while it decodes: tells the engine how many cores that takes
-        self._decoding = Budget(decode_threads)
-        cores = os.cpu_count() or 1
+        self._decoding = Budget(self.decode_threads)
         self.engine = ClipEngine(
             loaded,
             label_cache_size=settings.label_cache_size,
             trace=settings.trace,
-            free_cores=lambda: cores - self._decoding.in_use,
+            free_cores=lambda: self.cores - self._decoding.in_use,
+            cpu_threads=self.cores,
         )
         self.batcher = Batcher(
             self.engine, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, on_batch=on_batch
@@ -137,8 +149,8 @@ class Pipeline:
         self._fetchers = ThreadPoolExecutor(
             settings.io_threads or settings.worker_concurrency, thread_name_prefix="cliptag-io"
         )
-        self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="cliptag-decode")
-        self._ahead = Budget(READY_AHEAD_BATCHES * settings.max_batch)
+        self._decoders = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="cliptag-decode")
+        self._ahead = Budget(ready_ahead_limit(settings.max_batch))
 
     def start(self) -> Pipeline:
         self.batcher.start()

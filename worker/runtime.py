@@ -71,6 +71,9 @@ class Runtime:
             max_batch=settings.max_batch,
             max_wait_ms=settings.max_wait_ms,
             preprocess="exact" if settings.exact_preprocess else "fast",
+            cpu_cores=pipeline.cores,
+            decode_threads=pipeline.decode_threads,
+            torch_threads=pipeline.engine.cpu_threads,
             image_tower={True: "traced", False: "eager", None: "on the first batch"}[pipeline.engine.traced],
         )
         cls._pipeline = pipeline
