@@ -63,6 +63,7 @@ OVERHEAD_SIZE = (128, 96)
 """Overhead runs use thumbnails, so neither decode nor inference hides the framework's cost."""
 ALL_PARTS = ("tower", "inprocess", "naive", "e2e", "overhead", "latency")
 QUEUE_PARTS = frozenset({"e2e", "overhead", "latency"})
+JOBS_PER_SECOND = frozenset({"5 tiny model e2e", "5 bare Celery no-op"})
 
 
 def prompts(labels: Sequence[str]) -> list[str]:
@@ -337,28 +338,29 @@ def main(argv: Sequence[str] | None = None) -> None:
             files=files,
             queue_bench=queue_bench,
         )
-        for name, value in median_of_rounds("full-size", args.rounds, measures).items():
-            report(name, value)
+        per_round = rates_of_rounds("full-size", args.rounds, measures)
+        for name, values in per_round.items():
+            report(name, statistics.median(values))
         if queue_bench is not None and "overhead" in parts:
             tiny = args.workdir / "tiny-clip"
             if not (tiny / "config.json").exists():
                 build_tiny_clip(tiny)
             small = make_images(args.workdir / "small", args.overhead_jobs, sizes=[OVERHEAD_SIZE])
-            overhead = median_of_rounds(
+            overhead = rates_of_rounds(
                 "overhead",
                 args.overhead_rounds,
                 {
-                    "tiny": lambda: queue_bench.jobs_per_second(str(tiny), "tiny", small),
-                    "noop": lambda: queue_bench.noop_per_second("noop", args.overhead_jobs),
-                    "bulk": lambda: queue_bench.bulk_images_per_second(
+                    "5 tiny model e2e": lambda: queue_bench.jobs_per_second(str(tiny), "tiny", small),
+                    "5 bare Celery no-op": lambda: queue_bench.noop_per_second("noop", args.overhead_jobs),
+                    "5 tiny bulk jobs": lambda: queue_bench.bulk_images_per_second(
                         str(tiny), "bulk", small, bulk=args.bulk_size
                     ),
                 },
             )
-            report("5 tiny model e2e", overhead["tiny"], "jobs/s")
-            report("5 bare Celery no-op", overhead["noop"], "jobs/s")
-            report("5 tiny single jobs", overhead["tiny"])
-            report("5 tiny bulk jobs", overhead["bulk"])
+            overhead["5 tiny single jobs"] = overhead["5 tiny model e2e"]  # one image per job
+            per_round |= overhead
+            for name, values in overhead.items():
+                report(name, statistics.median(values), "jobs/s" if name in JOBS_PER_SECOND else "img/s")
         if queue_bench is not None and "latency" in parts:
             latencies = queue_bench.latencies_ms(str(full), "latency", files[0], count=args.latency_jobs)
             report("6 idle latency p50", percentile(latencies, 0.5), "ms")
@@ -367,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         if queue_bench is not None:
             queue_bench.close()
-    print_ratios(figures)
+    print_ratios(figures, per_round)
 
 
 def full_size_measures(
@@ -400,9 +402,11 @@ def full_size_measures(
     return measures
 
 
-def median_of_rounds(label: str, rounds: int, measures: dict[str, Callable[[], float]]) -> dict[str, float]:
+def rates_of_rounds(
+    label: str, rounds: int, measures: dict[str, Callable[[], float]]
+) -> dict[str, list[float]]:
     """Every measure in turn, ``rounds`` times (the host drifts); each round's figures are
-    printed, and the median of each measure returned."""
+    printed, and each measure's figures returned in round order."""
     rates: dict[str, list[float]] = {name: [] for name in measures}
     for number in range(1, rounds + 1):
         for name, measure in measures.items():
@@ -410,10 +414,12 @@ def median_of_rounds(label: str, rounds: int, measures: dict[str, Callable[[], f
         if rounds > 1 and measures:
             figures_of_round = ", ".join(f"{name} {values[-1]:.2f}" for name, values in rates.items())
             print(f"  {label} round {number}: {figures_of_round}", flush=True)
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
 
 
-def print_ratios(figures: dict[str, float]) -> None:
+def print_ratios(figures: dict[str, float], per_round: dict[str, list[float]]) -> None:
+    """The issue's ratios of the medians in ``figures``; where both sides ran in several
+    rounds, also each round's ratio (figures taken minutes, not a whole run, apart)."""
     ratios = (
         ("e2e / in-process", "4 end to end (worker)", "2 in-process batched", 0.90),
         ("e2e / naive", "4 end to end (worker)", "3 naive per-image", 2.0),
@@ -429,7 +435,10 @@ def print_ratios(figures: dict[str, float]) -> None:
                 figures[top] - figures[bottom] if name.endswith("(ms)") else figures[top] / figures[bottom]
             )
             goal = "" if target is None else f"  (target ≥ {target})"
-            print(f"{name:<34} {value:10.2f}{goal}", flush=True)
+            rounds = zip(per_round.get(top, []), per_round.get(bottom, []), strict=False)
+            paired = [f"{a / b:.2f}" for a, b in rounds]
+            within = f"  per round: {', '.join(paired)}" if len(paired) > 1 else ""
+            print(f"{name:<34} {value:10.2f}{goal}{within}", flush=True)
 
 
 if __name__ == "__main__":
