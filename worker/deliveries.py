@@ -14,6 +14,11 @@ suspects of its process: its delivery is counted only once it holds the suspect 
 so the others wait uncounted, and a crash while it runs is charged to it alone (and to
 fresh jobs, which become suspects with one count). Innocent suspects finish one after
 the other; the poison job reaches the limit.
+
+A suspect's finish is recorded (field ``"<retry>:finished"``) before it lets go of the
+lock. Its result is stored and its message acknowledged only after that, once the task
+returns; a crash in between, by the next suspect, must not be charged to it. So the
+limit applies to deliveries that never finished, not to deliveries.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import redis
 
@@ -32,6 +38,19 @@ redis.call('HSET', KEYS[1], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of one attempt of a job.
+
+    Attributes:
+        number: which delivery of the attempt this is (1 for the first).
+        unfinished: earlier deliveries of the attempt that never finished (their worker died).
+    """
+
+    number: int
+    unfinished: int
 
 
 class DeliveryCounter:
@@ -48,27 +67,36 @@ class DeliveryCounter:
         self._suspects = threading.Lock()
         self._first_script = client.register_script(COUNT_IF_FIRST)
 
-    def _count(self, job_id: str, retries: int) -> int:
+    def _count(self, job_id: str, retries: int) -> Delivery:
         key = deliveries_key(job_id)
         pipe = self.client.pipeline()
         pipe.hincrby(key, str(retries), 1)
+        pipe.hget(key, _finished_field(retries))
         pipe.expire(key, self.ttl)
-        count, _ = pipe.execute()
-        return int(count)
+        number, finished, _ = pipe.execute()
+        return Delivery(number=int(number), unfinished=int(number) - 1 - int(finished or 0))
 
     def _count_if_first(self, job_id: str, retries: int) -> int:
         """Count the delivery and return 1 if it is the attempt's first, else 0 (not counted)."""
         return int(self._first_script(keys=[deliveries_key(job_id)], args=[str(retries), self.ttl]))
 
     @contextmanager
-    def delivery(self, job_id: str, retries: int) -> Iterator[int]:
-        """Count this delivery of ``job_id`` (attempt ``retries``) and yield the count.
+    def delivery(self, job_id: str, retries: int) -> Iterator[Delivery]:
+        """Count this delivery of ``job_id`` (attempt ``retries``) and yield it.
 
         A first delivery costs one round trip. A suspect (counted before) first waits for
-        the process's suspect lock and holds it until the block ends.
+        the process's suspect lock, and holds it until the block ends and its finish is
+        recorded (whether the block returned or raised: only a dead process does neither).
         """
         if self._count_if_first(job_id, retries):
-            yield 1
+            yield Delivery(number=1, unfinished=0)
             return
         with self._suspects:
-            yield self._count(job_id, retries)
+            try:
+                yield self._count(job_id, retries)
+            finally:
+                self.client.hincrby(deliveries_key(job_id), _finished_field(retries), 1)
+
+
+def _finished_field(retries: int) -> str:
+    return f"{retries}:finished"

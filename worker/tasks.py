@@ -29,6 +29,7 @@ from producer.errors import ErrorCode, JobError, shorten
 from worker import visibility
 from worker.app import app, settings
 from worker.backoff import backoff_delay, countdown_cap
+from worker.deliveries import Delivery
 from worker.runtime import Runtime
 from worker.stores import broker_redis, dead_letters, delivery_counter, stored_result
 from worker.webhook import enqueue as enqueue_webhook
@@ -109,12 +110,12 @@ def tag(self: Task, job: Any) -> dict[str, Any]:
             result = error_result(job_id, error, metadata=metadata if isinstance(metadata, dict) else None)
             return _finish(self, job_id, job, result)
         retries = self.request.retries
-        with delivery_counter().delivery(job_id, retries) as deliveries:
-            if deliveries > 1 and (stored := stored_result(job_id)) is not None:
-                log.info("job_duplicate", status=stored.get("status"), deliveries=deliveries)
+        with delivery_counter().delivery(job_id, retries) as delivery:
+            if delivery.number > 1 and (stored := stored_result(job_id)) is not None:
+                log.info("job_duplicate", status=stored.get("status"), deliveries=delivery.number)
                 return stored
-            if deliveries > settings.max_deliveries:
-                return _finish(self, job_id, job, _poison(request, deliveries))
+            if delivery.unfinished >= settings.max_deliveries:
+                return _finish(self, job_id, job, _poison(request, delivery))
             _crash_if_told(request)
             result = _run(request)
         result.attempts = retries + 1
@@ -136,14 +137,14 @@ def _run(request: JobRequest) -> JobResult:
         return error_result(request.job_id, error, kind=request.kind, metadata=request.metadata)
 
 
-def _poison(request: JobRequest, deliveries: int) -> JobResult:
+def _poison(request: JobRequest, delivery: Delivery) -> JobResult:
     error = JobError(
         ErrorCode.POISON_MESSAGE,
-        f"delivered {deliveries} times, {deliveries - 1} of them never finished (the worker died); "
-        f"the limit is CLIPTAG_MAX_DELIVERIES={settings.max_deliveries}",
+        f"delivered {delivery.number} times, {delivery.unfinished} of them never finished "
+        f"(the worker died); the limit is CLIPTAG_MAX_DELIVERIES={settings.max_deliveries}",
     )
     result = error_result(request.job_id, error, kind=request.kind, metadata=request.metadata)
-    result.attempts = deliveries - 1
+    result.attempts = delivery.number - 1
     return result
 
 
