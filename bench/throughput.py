@@ -3,6 +3,8 @@
 Parts (``--parts``, comma-separated; default all):
 
 * ``tower``     the image tower alone on ready tensors at the worker's batch size;
+* ``decode``    JPEG decode + preprocess alone on ``--threads`` threads, no model: the
+                ceiling of ``inprocess`` from the CPU side (what binds it on a GPU);
 * ``inprocess`` decode + preprocess + forward + scoring in one process, no queue
                 (JPEG draft decode on a thread pool, labels encoded once);
 * ``naive``     per image: reference preprocessing, a batch-1 forward of both towers,
@@ -14,13 +16,14 @@ Parts (``--parts``, comma-separated; default all):
                 three rounds in turn (``--overhead-rounds``), medians reported;
 * ``latency``   p50/p95 of one job at a time on an idle worker.
 
-Parts 1–4 run in turn for ``--rounds`` rounds (default 3) and their medians are reported,
-so that the ratios compare figures taken minutes, not a whole run, apart.
+The full-size parts (``tower`` to ``e2e``) run in turn for ``--rounds`` rounds (default 3)
+and their medians are reported, so that the ratios compare figures taken minutes, not a
+whole run, apart; each ratio's per-round values are printed beside it.
 
 The model is a full-size ViT-B/32 (the default ``CLIPConfig``) with random weights, saved to
 ``--workdir`` and loaded through the production path: it costs what the real one costs.
 
-``tower``, ``inprocess`` and ``naive`` import only torch, transformers, pillow, numpy and
+``tower``, ``decode``, ``inprocess`` and ``naive`` import only torch, transformers, pillow, numpy and
 cliptag's engine modules, so they run on a bare GPU host with ``PYTHONPATH=.``.
 """
 
@@ -61,7 +64,7 @@ IDLE_GAP_S = 0.2
 """The pause before each idle-latency measurement, worker and in process alike."""
 OVERHEAD_SIZE = (128, 96)
 """Overhead runs use thumbnails, so neither decode nor inference hides the framework's cost."""
-ALL_PARTS = ("tower", "inprocess", "naive", "e2e", "overhead", "latency")
+ALL_PARTS = ("tower", "decode", "inprocess", "naive", "e2e", "overhead", "latency")
 QUEUE_PARTS = frozenset({"e2e", "overhead", "latency"})
 JOBS_PER_SECOND = frozenset({"5 tiny model e2e", "5 bare Celery no-op"})
 
@@ -110,6 +113,25 @@ def bench_tower(engine: ClipEngine, *, batch: int, batches: int) -> float:
     return batch * batches / elapsed()
 
 
+def preparer(transform: ImageTransform) -> Callable[[bytes], np.ndarray]:
+    """JPEG bytes to the model's input, as the worker's fast path does it."""
+
+    def prepare(data: bytes) -> np.ndarray:
+        return transform(decode_image(data, max_pixels=10**9, draft_size=transform.draft_size))
+
+    return prepare
+
+
+def bench_decode(transform: ImageTransform, files: Sequence[Path], *, threads: int) -> float:
+    """Images/s of decode + preprocess alone on ``threads`` threads: the most in-process
+    batched can reach from JPEG bytes however fast the model is (what bounds it on a GPU)."""
+    encoded = [path.read_bytes() for path in files]
+    with ThreadPoolExecutor(threads) as pool, timed() as elapsed:
+        for _ in pool.map(preparer(transform), encoded):
+            pass
+    return len(files) / elapsed()
+
+
 def bench_inprocess(
     engine: ClipEngine, transform: ImageTransform, files: Sequence[Path], *, batch: int, threads: int
 ) -> float:
@@ -118,9 +140,7 @@ def bench_inprocess(
 
     encoded = [path.read_bytes() for path in files]
     label_rows = [engine.text_embeddings(prompts(labels)).numpy() for labels in LABEL_SETS]
-
-    def prepare(data: bytes) -> np.ndarray:
-        return transform(decode_image(data, max_pixels=10**9, draft_size=transform.draft_size))
+    prepare = preparer(transform)
 
     with ThreadPoolExecutor(threads) as pool, timed() as elapsed:
         pending = [pool.submit(prepare, data) for data in encoded]
@@ -278,7 +298,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=3,
-        help="rounds of parts 1-4, run in turn; medians are reported (default 3)",
+        help="rounds of the full-size parts, run in turn; medians are reported (default 3)",
     )
     parser.add_argument(
         "--overhead-jobs", type=int, default=600, help="jobs for the overhead part (default 600)"
@@ -389,6 +409,8 @@ def full_size_measures(
         measures["1 tower ceiling"] = lambda: bench_tower(
             engine, batch=args.batch, batches=args.tower_batches
         )
+    if "decode" in parts:
+        measures["1 decode + preprocess"] = lambda: bench_decode(transform, files, threads=args.threads)
     if "inprocess" in parts:
         measures["2 in-process batched"] = lambda: bench_inprocess(
             engine, transform, files, batch=args.batch, threads=args.threads
@@ -424,6 +446,7 @@ def print_ratios(figures: dict[str, float], per_round: dict[str, list[float]]) -
         ("e2e / in-process", "4 end to end (worker)", "2 in-process batched", 0.90),
         ("e2e / naive", "4 end to end (worker)", "3 naive per-image", 2.0),
         ("in-process / tower", "2 in-process batched", "1 tower ceiling", None),
+        ("in-process / decode", "2 in-process batched", "1 decode + preprocess", None),
         ("tiny e2e / Celery no-op", "5 tiny model e2e", "5 bare Celery no-op", 0.6),
         ("bulk / single (tiny)", "5 tiny bulk jobs", "5 tiny single jobs", 5.0),
         ("idle p50 - batch-1 path (ms)", "6 idle latency p50", "6 in-process batch-1 path", None),
