@@ -34,7 +34,6 @@ app.add_typer(labels_app, name="labels")
 app.add_typer(dlq_app, name="dlq")
 
 
-
 def read_labels(labels: str | None, label_file: Path | None) -> list[str]:
     """Labels from ``--labels a,b`` and/or ``--label-file`` (one per line, # comments)."""
     found = [part.strip() for part in (labels or "").split(",") if part.strip()]
@@ -92,7 +91,9 @@ def wait_for(jobs: list[Job], *, timeout: float | None) -> list[JobResult]:
 def submit(
     images: Annotated[
         list[str],
-        typer.Argument(help="Image references (paths, https://, s3://), directories, or s3://bucket/prefix/."),
+        typer.Argument(
+            help="Image references (paths, https://, s3://), directories, or s3://bucket/prefix/."
+        ),
     ],
     labels: Annotated[str | None, typer.Option(help="Comma-separated labels.")] = None,
     label_file: Annotated[Path | None, typer.Option(help="File with one label per line.")] = None,

@@ -27,7 +27,6 @@ labels_app = typer.Typer(
 )
 
 
-
 def _settings(redis_url: str | None) -> QueueSettings:
     return QueueSettings(**({"redis_url": redis_url} if redis_url else {}))
 
