@@ -227,3 +227,30 @@ def test_retry_after_parsing_and_response_classes():
     assert [c for c, o in outcomes.items() if o.retryable] == [408, 429, 500, 503]
     waited = classify(httpx.Response(503, headers={"Retry-After": "12"}))
     assert waited.retry_after == 12.0
+
+
+def test_an_idle_worker_waits_on_its_job_queue_not_on_the_webhook_queue(
+    start_worker, client, http_server, image_dir: Path, queue_name: str
+):
+    """A blocking wait watches one queue, and Redis ends one on its 10 Hz clock: a job must
+    not sit out a wait on the webhook queue (up to 0.3 s), even when the last message the
+    worker took was a webhook delivery."""
+    http_server.routes["/hook"] = Reply(204)
+    start_worker(**WEBHOOK_SETTINGS)
+    job = client.submit(str(image_dir / "cat.jpg"), ["cat", "dog"], webhook={"url": http_server.url("/hook")})
+    assert job.result(timeout=60).status == "ok"
+    wait_until(
+        lambda: client.redis.get(webhook_state_key(job.id)) == "delivered",
+        timeout=60,
+        what="the webhook delivered (the worker's last message)",
+    )
+    waited_on = []
+    with client.redis.monitor() as monitor:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            command = monitor.next_command()["command"].split()
+            if command[0].upper() == "BLMOVE":
+                waited_on.append(command[1])
+    assert len(waited_on) >= 3, "an idle worker keeps waiting for messages"
+    assert set(waited_on) == {queue_name}, "every wait on the job queue; webhooks are found by fetches"
+    assert client.submit(str(image_dir / "cat.jpg"), ["cat", "dog"]).result(timeout=60).status == "ok"

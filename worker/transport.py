@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from kombu.transport import redis as kombu_redis
 
+from producer.celery_conf import WEBHOOK_QUEUE
 from producer.errors import shorten
 from worker.malformed import describe
 from worker.reliable_channel import ReliableChannelMixin
@@ -22,6 +23,10 @@ from worker.reliable_channel import ReliableChannelMixin
 log = structlog.get_logger("cliptag.worker")
 
 MalformedHandler = Callable[[str, str], None]
+
+BACKGROUND_QUEUES = frozenset({WEBHOOK_QUEUE})
+"""Webhook deliveries, queued by workers as jobs finish, may wait up to 0.3 s on an idle
+worker; a job may not (see :mod:`worker.reliable_channel`)."""
 
 
 def log_malformed(raw: str, reason: str) -> None:
@@ -88,7 +93,7 @@ class GuardedTransportMixin:
 
 
 class Channel(GuardedChannelMixin, ReliableChannelMixin, kombu_redis.Channel):
-    pass
+    background_queues = BACKGROUND_QUEUES
 
 
 class Transport(GuardedTransportMixin, kombu_redis.Transport):
@@ -98,7 +103,7 @@ class Transport(GuardedTransportMixin, kombu_redis.Transport):
 
 
 class SentinelChannel(GuardedChannelMixin, ReliableChannelMixin, kombu_redis.SentinelChannel):
-    pass
+    background_queues = BACKGROUND_QUEUES
 
 
 class SentinelTransport(GuardedTransportMixin, kombu_redis.SentinelTransport):
