@@ -60,8 +60,10 @@ LABEL_SETS = (
     ("person", "a photo", "the dog", "cup", "cat"),
     ("rocket", "car", "dog", "person", "cup"),
 )
-IDLE_GAP_S = 0.2
-"""The pause before each idle-latency measurement, worker and in process alike."""
+IDLE_GAPS_S = (0.2, 0.35, 0.5)
+"""The pauses before idle-latency measurements, in turn, worker and in process alike: varied,
+so that no delay of the worker's idle polling can hide behind one phase (one gap of 0.2 s,
+the length of one blocking wait, hid waits of up to 0.3 s on the webhook queue)."""
 OVERHEAD_SIZE = (128, 96)
 """Overhead runs use thumbnails, so neither decode nor inference hides the framework's cost."""
 ALL_PARTS = ("tower", "decode", "inprocess", "naive", "e2e", "overhead", "latency")
@@ -169,13 +171,13 @@ def bench_naive(checkpoint: str, files: Sequence[Path], *, device: torch.device,
     return len(files) / elapsed()
 
 
-def idle_forward_ms(engine: ClipEngine, transform: ImageTransform, path: Path, *, repeats: int = 5) -> float:
+def idle_forward_ms(engine: ClipEngine, transform: ImageTransform, path: Path, *, repeats: int = 6) -> float:
     """Median ms of fetch + decode + preprocess + a batch-1 forward, in process, each run
-    after the same 0.2 s idle as the latency part's jobs (an idle CPU runs the first
+    after the same pauses as the latency part's jobs (an idle CPU runs the first
     forward after a pause about 20 ms slower than one right after another)."""
     times = []
-    for _ in range(repeats):
-        time.sleep(IDLE_GAP_S)
+    for number in range(repeats):
+        time.sleep(IDLE_GAPS_S[number % len(IDLE_GAPS_S)])
         with timed() as elapsed:
             data = path.read_bytes()
             pixels = transform(decode_image(data, max_pixels=10**9, draft_size=transform.draft_size))
@@ -270,8 +272,8 @@ class QueueBench:
         with self.worker(model, queue, path.parent), self.client(queue) as client:
             client.submit(str(path), list(LABEL_SETS[0])).result(timeout=600)
             latencies = []
-            for _ in range(count):
-                time.sleep(IDLE_GAP_S)
+            for number in range(count):
+                time.sleep(IDLE_GAPS_S[number % len(IDLE_GAPS_S)])
                 with timed() as elapsed:
                     client.submit(str(path), list(LABEL_SETS[0])).result(timeout=600)
                 latencies.append(elapsed() * 1000)
