@@ -10,11 +10,12 @@ from typing import Any
 
 import redis
 from celery.result import AsyncResult
+from redis.commands.core import Script
 
 from producer.backfill import chunked
 from producer.celery_conf import WEBHOOK_QUEUE, WEBHOOK_TASK_NAME, make_celery
 from producer.config import QueueSettings
-from producer.contract import TASK_NAME, JobRequest, JobResult, parse_job
+from producer.contract import JobRequest, JobResult, parse_job
 from producer.delivery import (
     WebhookDelivery,
     claim_key,
@@ -24,6 +25,7 @@ from producer.delivery import (
 )
 from producer.dlq import DeadLetter, DeadLetterStore
 from producer.errors import ErrorCode, JobError, JobFailed, JobTimeout, shorten
+from producer.wire import CLAIM_AND_ENQUEUE, task_message
 
 
 class Job:
@@ -147,23 +149,24 @@ class Client:
         )
         document.setdefault("submitted_at", time.time())
         request = parse_job(document, max_labels=self.settings.max_labels)
-        target = queue or self.settings.queue
-        key = claim_key(request.job_id)
-        if self.redis.set(key, target, nx=True, ex=self.settings.result_ttl):
-            try:
-                self._send(request, target)
-            except BaseException:
-                self.redis.delete(key)
-                raise
+        self._enqueue(request, queue or self.settings.queue, only_if_unclaimed=True)
         return Job(self, request.job_id, request)
 
-    def _send(self, request: JobRequest, queue: str) -> None:
-        self.celery.send_task(
-            TASK_NAME,
-            args=[request.model_dump(mode="json", exclude_none=True)],
-            task_id=request.job_id,
-            queue=queue,
+    @cached_property
+    def _claim_and_enqueue(self) -> Script:
+        return self.redis.register_script(CLAIM_AND_ENQUEUE)
+
+    def _enqueue(self, request: JobRequest, queue: str, *, only_if_unclaimed: bool) -> bool:
+        """Claim the job id and push the job's message onto ``queue``, in one atomic step.
+
+        Returns whether it was pushed: not when ``only_if_unclaimed`` and the id is claimed.
+        """
+        message = task_message(request.model_dump(mode="json", exclude_none=True), queue=queue)
+        pushed = self._claim_and_enqueue(
+            keys=[claim_key(request.job_id), queue],
+            args=[queue, self.settings.result_ttl, message, int(only_if_unclaimed)],
         )
+        return bool(pushed)
 
     def requeue(self, letter: DeadLetter) -> None:
         """Send a dead-lettered job (or webhook delivery) again, under its own job id.
@@ -194,9 +197,8 @@ class Client:
         queue = letter.queue or self.settings.queue
         AsyncResult(request.job_id, app=self.celery).forget()
         forget_delivery_state(self.redis, request.job_id)
-        self.redis.set(claim_key(request.job_id), queue, ex=self.settings.result_ttl)
         with self._unless_sent(letter):
-            self._send(request, queue)
+            self._enqueue(request, queue, only_if_unclaimed=False)
 
     @contextmanager
     def _unless_sent(self, letter: DeadLetter) -> Iterator[None]:

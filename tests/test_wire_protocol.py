@@ -1,9 +1,9 @@
 """The any-language producer: a job enqueued and its result read with plain Redis commands.
 
-``wire_message`` builds exactly the message docs/operations.md ("Producing from any
-language") tells a producer to LPUSH; no Celery client is involved on this side. A second
-test holds the documented message against what Celery's own client writes, so the
-documentation cannot drift from Celery.
+``producer.wire.task_message`` builds exactly the message docs/operations.md ("Producing
+from any language") tells a producer to LPUSH, and the Python client pushes it too; no
+Celery client is involved on this side. A second test holds it against what Celery's own
+``send_task`` writes, so neither the client nor the documentation can drift from Celery.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,44 +18,12 @@ import redis
 
 from producer.client import Client
 from producer.config import QueueSettings
+from producer.contract import TASK_NAME
+from producer.wire import task_message
 from tests.waiting import wait_until
 from worker.processes import RedisServer
 
-TASK = "cliptag.tag"
 RESULT_KEY = "celery-task-meta-{job_id}"
-EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-
-
-def wire_message(job: dict[str, Any], *, queue: str) -> str:
-    """The Redis list entry (Celery protocol v2, JSON) that runs ``job`` on ``queue``."""
-    body = json.dumps([[job], {}, EMBED])
-    return json.dumps(
-        {
-            "body": base64.b64encode(body.encode("utf-8")).decode("ascii"),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {
-                "lang": "py",
-                "task": TASK,
-                "id": job["job_id"],
-                "root_id": job["job_id"],
-                "parent_id": None,
-                "group": None,
-                "retries": 0,
-                "eta": None,
-                "expires": None,
-                "timelimit": [None, None],
-            },
-            "properties": {
-                "correlation_id": job["job_id"],
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-    )
 
 
 def finished_result(r: redis.Redis, job_id: str) -> dict[str, Any] | None:
@@ -86,7 +53,7 @@ def test_plain_redis_producer_enqueues_and_reads_results(
     missing = {"job_id": "wire-missing-1", "image": str(image_dir / "nope.jpg"), "labels": ["cat"]}
     invalid = {"job_id": "wire-bad-1", "image": str(image_dir / "cat.jpg"), "labels": "cat"}
     for job in (good, missing, invalid):
-        assert r.lpush(queue_name, wire_message(job, queue=queue_name)) >= 1
+        assert r.lpush(queue_name, task_message(job, queue=queue_name)) >= 1
 
     document = read_result(r, "wire-ok-1")
     assert document["status"] == "SUCCESS" and document["task_id"] == "wire-ok-1"
@@ -105,15 +72,22 @@ def test_plain_redis_producer_enqueues_and_reads_results(
     assert r.llen(queue_name) == 0
 
 
-def test_documented_message_matches_what_celery_writes(redis_server: RedisServer, queue_name: str):
+def test_the_documented_message_the_client_writes_is_what_celery_writes(
+    redis_server: RedisServer, queue_name: str
+):
     with Client(settings=QueueSettings(redis_url=redis_server.url, queue=queue_name)) as client:
-        job = client.submit("/img/cat.jpg", ["cat", "dog"], job_id="celery-written-1")
+        job = client.submit("/img/cat.jpg", ["cat", "dog"], job_id="client-written-1")
+        assert job.request is not None
+        sent = job.request.model_dump(mode="json", exclude_none=True)
+        client.celery.send_task(TASK_NAME, args=[sent], task_id=sent["job_id"], queue=queue_name)
     r = redis.Redis.from_url(redis_server.url)
-    (celery_raw,) = r.lrange(queue_name, 0, -1)
+    celery_raw, client_raw = r.lrange(queue_name, 0, -1)  # LPUSH: the newest first
     r.delete(queue_name)
-    assert job.request is not None
-    sent = job.request.model_dump(mode="json", exclude_none=True)
-    written, documented = json.loads(celery_raw), json.loads(wire_message(sent, queue=queue_name))
+    written, documented = json.loads(celery_raw), json.loads(client_raw)
+    expected = json.loads(task_message(sent, queue=queue_name))
+    assert documented["properties"].pop("delivery_tag") != expected["properties"].pop("delivery_tag")
+    assert documented == expected, "the client pushes the documented message (a fresh delivery tag)"
+    documented = json.loads(client_raw)
 
     assert json.loads(base64.b64decode(written["body"])) == json.loads(base64.b64decode(documented["body"]))
     assert documented.keys() == written.keys()

@@ -1,0 +1,67 @@
+"""The queue entry that runs a job: Celery protocol v2, JSON, as kombu's Redis transport
+stores it (spelled out in docs/operations.md, "Producing from any language").
+
+The client writes it itself rather than through Celery's ``send_task`` so that claiming a
+job id and enqueueing its job are one atomic Redis script (:data:`CLAIM_AND_ENQUEUE`): a
+producer that dies between the two can leave neither a claim without a job (which would
+make every resubmission of that id a no-op while nothing runs) nor the reverse.
+``tests/test_wire_protocol.py`` holds the entry against what ``send_task`` writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+from producer.contract import TASK_NAME
+
+CALL_OPTIONS = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+CLAIM_AND_ENQUEUE = """
+if ARGV[4] == '1' then
+  if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+redis.call('LPUSH', KEYS[2], ARGV[3])
+return 1
+"""
+"""KEYS: the claim key, the queue's list. ARGV: the queue name, the claim's TTL in seconds,
+the queue entry, and ``1`` to enqueue only if the id is not claimed yet (``0`` re-claims it:
+a dead letter sent again). Returns 1 when the entry was pushed."""
+
+
+def task_message(document: dict[str, Any], *, queue: str, task: str = TASK_NAME) -> str:
+    """The Redis list entry that runs ``task`` with ``document`` (which holds ``job_id``,
+    the Celery task id) as its one positional argument, routed to ``queue``."""
+    job_id = document["job_id"]
+    body = json.dumps([[document], {}, CALL_OPTIONS])
+    return json.dumps(
+        {
+            "body": base64.b64encode(body.encode("utf-8")).decode("ascii"),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py",
+                "task": task,
+                "id": job_id,
+                "root_id": job_id,
+                "parent_id": None,
+                "group": None,
+                "retries": 0,
+                "eta": None,
+                "expires": None,
+                "timelimit": [None, None],
+            },
+            "properties": {
+                "correlation_id": job_id,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )
