@@ -54,3 +54,24 @@ def test_a_suspect_that_finished_is_not_charged_for_the_next_suspects_crash(
     with third.delivery(poison, 1) as delivery:
         assert delivery == Delivery(number=1, unfinished=0)
     assert len(never_left) == 3
+
+
+def test_a_finish_redis_cannot_record_does_not_fail_the_job(
+    redis_server: RedisServer, queue_name: str, monkeypatch: pytest.MonkeyPatch
+):
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    job_id = f"blip-{queue_name}"
+    counter = DeliveryCounter(client, ttl=600)
+    with counter.delivery(job_id, 0):
+        pass  # the first delivery: fresh, no finish to record
+
+    def unreachable(*_: object) -> int:
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(client, "hincrby", unreachable)
+    with counter.delivery(job_id, 0) as delivery:
+        assert delivery == Delivery(number=2, unfinished=1)
+    monkeypatch.undo()
+    assert client.hgetall(deliveries_key(job_id)) == {"0": "2"}, "counted, its finish unrecorded"
+    with counter.delivery(job_id, 0) as delivery:
+        assert delivery == Delivery(number=3, unfinished=2), "the lock was let go all the same"

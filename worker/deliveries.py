@@ -29,8 +29,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
+import structlog
 
 from producer.delivery import deliveries_key
+from producer.errors import shorten
+
+log = structlog.get_logger("cliptag.worker")
 
 COUNT_IF_FIRST = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
@@ -95,7 +99,15 @@ class DeliveryCounter:
             try:
                 yield self._count(job_id, retries)
             finally:
-                self.client.hincrby(deliveries_key(job_id), _finished_field(retries), 1)
+                self._record_finish(job_id, retries)
+
+    def _record_finish(self, job_id: str, retries: int) -> None:
+        """Best effort: without the record (Redis away), a crash before this job's result is
+        stored would be charged to it too, as before there was a record at all."""
+        try:
+            self.client.hincrby(deliveries_key(job_id), _finished_field(retries), 1)
+        except redis.RedisError as exc:
+            log.warning("delivery_finish_not_recorded", job_id=job_id, error=shorten(str(exc)))
 
 
 def _finished_field(retries: int) -> str:
