@@ -156,17 +156,14 @@ class Client:
     def _claim_and_enqueue(self) -> Script:
         return self.redis.register_script(CLAIM_AND_ENQUEUE)
 
-    def _enqueue(self, request: JobRequest, queue: str, *, only_if_unclaimed: bool) -> bool:
-        """Claim the job id and push the job's message onto ``queue``, in one atomic step.
-
-        Returns whether it was pushed: not when ``only_if_unclaimed`` and the id is claimed.
-        """
+    def _enqueue(self, request: JobRequest, queue: str, *, only_if_unclaimed: bool) -> None:
+        """Claim the job id and push the job's message onto ``queue``, in one atomic step;
+        with ``only_if_unclaimed``, neither happens when the id is claimed already."""
         message = task_message(request.model_dump(mode="json", exclude_none=True), queue=queue)
-        pushed = self._claim_and_enqueue(
+        self._claim_and_enqueue(
             keys=[claim_key(request.job_id), queue],
             args=[queue, self.settings.result_ttl, message, int(only_if_unclaimed)],
         )
-        return bool(pushed)
 
     def requeue(self, letter: DeadLetter) -> None:
         """Send a dead-lettered job (or webhook delivery) again, under its own job id.
