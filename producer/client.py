@@ -156,22 +156,29 @@ class Client:
     def _claim_and_enqueue(self) -> Script:
         return self.redis.register_script(CLAIM_AND_ENQUEUE)
 
-    def _enqueue(self, request: JobRequest, queue: str, *, only_if_unclaimed: bool) -> None:
-        """Claim the job id and push the job's message onto ``queue``, in one atomic step;
-        with ``only_if_unclaimed``, neither happens when the id is claimed already."""
+    def _enqueue(
+        self, request: JobRequest, queue: str, *, only_if_unclaimed: bool, settles: DeadLetter | None = None
+    ) -> None:
+        """Claim the job id, push the job's message onto ``queue`` and remove the dead letter
+        it ``settles``, in one atomic step; with ``only_if_unclaimed``, nothing happens when
+        the id is claimed already."""
         message = task_message(request.model_dump(mode="json", exclude_none=True), queue=queue)
-        self._claim_and_enqueue(
-            keys=[claim_key(request.job_id), queue],
-            args=[queue, self.settings.result_ttl, message, int(only_if_unclaimed)],
-        )
+        keys = [claim_key(request.job_id), queue]
+        args: list[str | int] = [queue, self.settings.result_ttl, message, int(only_if_unclaimed)]
+        if settles is not None:
+            store = self.dead_letters
+            keys += [store.entries_key, store.index_key]
+            args.append(store.field(settles.kind, settles.job_id))
+        self._claim_and_enqueue(keys=keys, args=args)
 
     def requeue(self, letter: DeadLetter) -> None:
         """Send a dead-lettered job (or webhook delivery) again, under its own job id.
 
         A job letter runs again from scratch: its stored result, delivery counts and
-        webhook state are cleared first, so whoever waits on the id gets the new result.
-        A webhook letter is POSTed again with the result still in the backend. The letter
-        is removed; a new failure records a new one.
+        webhook state are cleared first, so whoever waits on the id gets the new result;
+        the letter is removed in the same atomic step that enqueues the job. A webhook
+        letter is POSTed again with the result still in the backend; it is removed before
+        it is sent and put back if sending fails. A new failure records a new letter.
 
         Raises:
             JobError: ``invalid_request`` when the letter holds no valid job (a raw message).
@@ -194,8 +201,7 @@ class Client:
         queue = letter.queue or self.settings.queue
         AsyncResult(request.job_id, app=self.celery).forget()
         forget_delivery_state(self.redis, request.job_id)
-        with self._unless_sent(letter):
-            self._enqueue(request, queue, only_if_unclaimed=False)
+        self._enqueue(request, queue, only_if_unclaimed=False, settles=letter)
 
     @contextmanager
     def _unless_sent(self, letter: DeadLetter) -> Iterator[None]:

@@ -60,12 +60,13 @@ class DeadLetterStore:
         self.index_key = f"{prefix}:index"
 
     @staticmethod
-    def _field(kind: LetterKind, job_id: str) -> str:
+    def field(kind: LetterKind, job_id: str) -> str:
+        """The letter's field in the entries hash and member of the index."""
         return f"{kind}:{job_id}"
 
     def add(self, letter: DeadLetter) -> None:
         """Record ``letter``; a second failure of the same job updates it and keeps first_failed_at."""
-        field = self._field(letter.kind, letter.job_id)
+        field = self.field(letter.kind, letter.job_id)
         previous = self.get(letter.job_id, kind=letter.kind)
         if previous is not None:
             letter = letter.model_copy(update={"first_failed_at": previous.first_failed_at})
@@ -75,7 +76,7 @@ class DeadLetterStore:
         pipe.execute()
 
     def get(self, job_id: str, *, kind: LetterKind = "job") -> DeadLetter | None:
-        raw = self.client.hget(self.entries_key, self._field(kind, job_id))
+        raw = self.client.hget(self.entries_key, self.field(kind, job_id))
         return None if raw is None else DeadLetter.model_validate(json.loads(raw))
 
     def list(
@@ -96,7 +97,7 @@ class DeadLetterStore:
 
     def remove(self, job_id: str, *, kind: LetterKind = "job") -> bool:
         """Delete one entry; whether it was there."""
-        field = self._field(kind, job_id)
+        field = self.field(kind, job_id)
         pipe = self.client.pipeline()
         pipe.hdel(self.entries_key, field)
         pipe.zrem(self.index_key, field)

@@ -4,7 +4,8 @@ stores it (spelled out in docs/operations.md, "Producing from any language").
 The client writes it itself rather than through Celery's ``send_task`` so that claiming a
 job id and enqueueing its job are one atomic Redis script (:data:`CLAIM_AND_ENQUEUE`): a
 producer that dies between the two can leave neither a claim without a job (which would
-make every resubmission of that id a no-op while nothing runs) nor the reverse.
+make every resubmission of that id a no-op while nothing runs) nor the reverse. A dead
+letter sent again is removed in the same step, so a crash cannot lose it unsent.
 ``tests/test_wire_protocol.py`` holds the entry against what ``send_task`` writes.
 """
 
@@ -26,11 +27,16 @@ else
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
 redis.call('LPUSH', KEYS[2], ARGV[3])
+if #KEYS == 4 then
+  redis.call('HDEL', KEYS[3], ARGV[5])
+  redis.call('ZREM', KEYS[4], ARGV[5])
+end
 return 1
 """
-"""KEYS: the claim key, the queue's list. ARGV: the queue name, the claim's TTL in seconds,
-the queue entry, and ``1`` to enqueue only if the id is not claimed yet (``0`` re-claims it:
-a dead letter sent again). Returns 1 when the entry was pushed."""
+"""KEYS: the claim key, the queue's list, and for a dead letter sent again the dead-letter
+entries hash and index. ARGV: the queue name, the claim's TTL in seconds, the queue entry,
+``1`` to enqueue only if the id is not claimed yet (``0`` re-claims it), and the letter's
+field. Returns 1 when the entry was pushed (and the letter removed)."""
 
 
 def task_message(document: dict[str, Any], *, queue: str, task: str = TASK_NAME) -> str:

@@ -65,6 +65,12 @@ def test_dlq_retry_brings_a_job_back_under_its_id_once_the_cause_is_fixed(
     assert client.redis.hgetall(deliveries_key(first.id)) == {"0": "1"}, "counts start afresh"
     assert client.dead_letters.get(first.id) is None
 
+    again = cliptag(url, "dlq", "retry", second.id)  # its cause is not fixed: it fails again
+    assert again.returncode == 0, again.stderr
+    with pytest.raises(JobFailed):
+        client.job(second.id).result(timeout=60)
+    assert client.dead_letters.get(second.id) is not None, "the new failure's letter, not removed"
+
     purged = cliptag(url, "dlq", "purge", "--all", "--queue", queue_name)
     assert purged.returncode == 0 and purged.stdout.strip() == f"purged job {second.id}"
     assert client.dead_letters.count(queue=queue_name) == 0
