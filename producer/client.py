@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
@@ -25,7 +25,7 @@ from producer.delivery import (
 )
 from producer.dlq import DeadLetter, DeadLetterStore
 from producer.errors import ErrorCode, JobError, JobFailed, JobTimeout, shorten
-from producer.wire import CLAIM_AND_ENQUEUE, task_message
+from producer.wire import MARK_AND_ENQUEUE, task_message
 
 
 class Job:
@@ -153,32 +153,49 @@ class Client:
         return Job(self, request.job_id, request)
 
     @cached_property
-    def _claim_and_enqueue(self) -> Script:
-        return self.redis.register_script(CLAIM_AND_ENQUEUE)
+    def _mark_and_enqueue(self) -> Script:
+        return self.redis.register_script(MARK_AND_ENQUEUE)
 
     def _enqueue(
         self, request: JobRequest, queue: str, *, only_if_unclaimed: bool, settles: DeadLetter | None = None
     ) -> None:
-        """Claim the job id, push the job's message onto ``queue`` and remove the dead letter
-        it ``settles``, in one atomic step; with ``only_if_unclaimed``, nothing happens when
-        the id is claimed already."""
-        message = task_message(request.model_dump(mode="json", exclude_none=True), queue=queue)
-        keys = [claim_key(request.job_id), queue]
-        args: list[str | int] = [queue, self.settings.result_ttl, message, int(only_if_unclaimed)]
+        """Claim the job id and push the job's message onto ``queue``, in one atomic step;
+        with ``only_if_unclaimed``, nothing happens when the id is claimed already."""
+        self._push(
+            task_message(request.model_dump(mode="json", exclude_none=True), queue=queue),
+            queue,
+            mark=(claim_key(request.job_id), queue),
+            only_if_unmarked=only_if_unclaimed,
+            settles=settles,
+        )
+
+    def _push(
+        self,
+        message: str,
+        queue: str,
+        *,
+        mark: tuple[str, str],
+        only_if_unmarked: bool,
+        settles: DeadLetter | None,
+    ) -> None:
+        """Set ``mark`` (key, value) for the result TTL, push ``message`` onto ``queue`` and
+        remove the dead letter it ``settles``: all or nothing (:data:`MARK_AND_ENQUEUE`)."""
+        keys = [mark[0], queue]
+        args: list[str | int] = [mark[1], self.settings.result_ttl, message, int(only_if_unmarked)]
         if settles is not None:
             store = self.dead_letters
             keys += [store.entries_key, store.index_key]
             args.append(store.field(settles.kind, settles.job_id))
-        self._claim_and_enqueue(keys=keys, args=args)
+        self._mark_and_enqueue(keys=keys, args=args)
 
     def requeue(self, letter: DeadLetter) -> None:
         """Send a dead-lettered job (or webhook delivery) again, under its own job id.
 
         A job letter runs again from scratch: its stored result, delivery counts and
-        webhook state are cleared first, so whoever waits on the id gets the new result;
-        the letter is removed in the same atomic step that enqueues the job. A webhook
-        letter is POSTed again with the result still in the backend; it is removed before
-        it is sent and put back if sending fails. A new failure records a new letter.
+        webhook state are cleared first, so whoever waits on the id gets the new result.
+        A webhook letter is POSTed again with the result still in the backend. Either way
+        the letter is removed in the same atomic step that enqueues the work again; a new
+        failure records a new letter.
 
         Raises:
             JobError: ``invalid_request`` when the letter holds no valid job (a raw message).
@@ -186,11 +203,14 @@ class Client:
         if letter.kind == "webhook":
             delivery = WebhookDelivery.model_validate(letter.job)
             fresh = WebhookDelivery(job_id=delivery.job_id, webhook=delivery.webhook, queue=delivery.queue)
-            self.redis.set(webhook_state_key(fresh.job_id), "queued", ex=self.settings.result_ttl)
-            with self._unless_sent(letter):
-                self.celery.send_task(
-                    WEBHOOK_TASK_NAME, args=[fresh.model_dump(mode="json")], queue=WEBHOOK_QUEUE
-                )
+            message = task_message(
+                fresh.model_dump(mode="json"),
+                queue=WEBHOOK_QUEUE,
+                task=WEBHOOK_TASK_NAME,
+                task_id=str(uuid.uuid4()),
+            )
+            mark = (webhook_state_key(fresh.job_id), "queued")
+            self._push(message, WEBHOOK_QUEUE, mark=mark, only_if_unmarked=False, settles=letter)
             return
         if not isinstance(letter.job, dict):
             raise JobError(
@@ -202,17 +222,6 @@ class Client:
         AsyncResult(request.job_id, app=self.celery).forget()
         forget_delivery_state(self.redis, request.job_id)
         self._enqueue(request, queue, only_if_unclaimed=False, settles=letter)
-
-    @contextmanager
-    def _unless_sent(self, letter: DeadLetter) -> Iterator[None]:
-        """Remove ``letter`` before its job is sent (a quick new failure records a new one),
-        and put it back when sending fails."""
-        self.dead_letters.remove(letter.job_id, kind=letter.kind)
-        try:
-            yield
-        except BaseException:
-            self.dead_letters.add(letter)
-            raise
 
     def submit_many(
         self,

@@ -2,10 +2,11 @@
 stores it (spelled out in docs/operations.md, "Producing from any language").
 
 The client writes it itself rather than through Celery's ``send_task`` so that claiming a
-job id and enqueueing its job are one atomic Redis script (:data:`CLAIM_AND_ENQUEUE`): a
+job id and enqueueing its job are one atomic Redis script (:data:`MARK_AND_ENQUEUE`): a
 producer that dies between the two can leave neither a claim without a job (which would
 make every resubmission of that id a no-op while nothing runs) nor the reverse. A dead
-letter sent again is removed in the same step, so a crash cannot lose it unsent.
+letter (a job or a webhook delivery) sent again is removed in the same step, so a crash
+cannot lose it unsent.
 ``tests/test_wire_protocol.py`` holds the entry against what ``send_task`` writes.
 """
 
@@ -20,7 +21,7 @@ from producer.contract import TASK_NAME
 
 CALL_OPTIONS = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
-CLAIM_AND_ENQUEUE = """
+MARK_AND_ENQUEUE = """
 if ARGV[4] == '1' then
   if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
 else
@@ -33,16 +34,20 @@ if #KEYS == 4 then
 end
 return 1
 """
-"""KEYS: the claim key, the queue's list, and for a dead letter sent again the dead-letter
-entries hash and index. ARGV: the queue name, the claim's TTL in seconds, the queue entry,
-``1`` to enqueue only if the id is not claimed yet (``0`` re-claims it), and the letter's
-field. Returns 1 when the entry was pushed (and the letter removed)."""
+"""Set a mark (a job's claim, a webhook's state), push a queue entry and, for a dead letter
+sent again, remove the letter: all or nothing. KEYS: the mark's key, the queue's list, and
+optionally the dead-letter entries hash and index. ARGV: the mark's value, its TTL in
+seconds, the queue entry, ``1`` to do nothing if the mark is set already (``0`` sets it
+again), and the letter's field. Returns 1 when the entry was pushed."""
 
 
-def task_message(document: dict[str, Any], *, queue: str, task: str = TASK_NAME) -> str:
-    """The Redis list entry that runs ``task`` with ``document`` (which holds ``job_id``,
-    the Celery task id) as its one positional argument, routed to ``queue``."""
-    job_id = document["job_id"]
+def task_message(
+    document: dict[str, Any], *, queue: str, task: str = TASK_NAME, task_id: str | None = None
+) -> str:
+    """The Redis list entry that runs ``task`` with ``document`` as its one positional
+    argument, routed to ``queue``. The Celery task id is ``task_id``, by default the
+    document's ``job_id`` (a job's id is its task id; other tasks need ids of their own)."""
+    job_id = task_id or document["job_id"]
     body = json.dumps([[document], {}, CALL_OPTIONS])
     return json.dumps(
         {
