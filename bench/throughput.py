@@ -75,6 +75,11 @@ def prompts(labels: Sequence[str]) -> list[str]:
     return [f"a photo of a {label}." for label in labels]
 
 
+def idle_pause(number: int) -> None:
+    """The pause before idle-latency measurement ``number`` (see :data:`IDLE_GAPS_S`)."""
+    time.sleep(IDLE_GAPS_S[number % len(IDLE_GAPS_S)])
+
+
 def make_images(directory: Path, count: int, sizes: Sequence[tuple[int, int]] = SIZES) -> list[Path]:
     """``count`` JPEGs of the sample photos scaled to ``sizes`` in turn (default 640×480, 1920×1080)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -177,7 +182,7 @@ def idle_forward_ms(engine: ClipEngine, transform: ImageTransform, path: Path, *
     forward after a pause about 20 ms slower than one right after another)."""
     times = []
     for number in range(repeats):
-        time.sleep(IDLE_GAPS_S[number % len(IDLE_GAPS_S)])
+        idle_pause(number)
         with timed() as elapsed:
             data = path.read_bytes()
             pixels = transform(decode_image(data, max_pixels=10**9, draft_size=transform.draft_size))
@@ -273,7 +278,7 @@ class QueueBench:
             client.submit(str(path), list(LABEL_SETS[0])).result(timeout=600)
             latencies = []
             for number in range(count):
-                time.sleep(IDLE_GAPS_S[number % len(IDLE_GAPS_S)])
+                idle_pause(number)
                 with timed() as elapsed:
                     client.submit(str(path), list(LABEL_SETS[0])).result(timeout=600)
                 latencies.append(elapsed() * 1000)
