@@ -36,12 +36,26 @@ def test_exact_transform_is_the_reference_bit_for_bit(processor):
     )
 
 
-def test_fast_transform_without_draft_matches_to_float_rounding(processor):
+def test_fast_transform_without_draft_is_within_one_8_bit_step_in_a_few_pixels(processor):
+    """Resizing only the cropped region uses the same filter taps as the reference; the box
+    coordinates' float rounding may move an 8-bit value by one, never more."""
     fast = make_transform(processor, exact=False)
     assert isinstance(fast, FastTransform)
+    one_step = 1 / 255 / min(processor.image_std)
     for sample in sorted(SAMPLES.glob("*.jpg")):
         image = decode_image(sample.read_bytes(), max_pixels=10**8)
-        assert np.abs(fast(image) - ExactTransform(processor)(image)).max() < 1e-5
+        difference = np.abs(fast(image) - ExactTransform(processor)(image))
+        assert difference.max() <= one_step + 1e-5
+        assert np.count_nonzero(difference > 1e-5) <= difference.size // 1000
+
+
+def test_crops_larger_than_the_resized_image_fall_back_to_the_exact_path():
+    too_wide = CLIPImageProcessorPil(
+        size={"height": 224, "width": 300}, crop_size={"height": 200, "width": 320}
+    )
+    assert ResizeSpec.from_processor(too_wide) is None
+    too_tall = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 256, "width": 200})
+    assert ResizeSpec.from_processor(too_tall) is None
 
 
 def test_fast_transform_with_jpeg_draft_stays_close(processor):

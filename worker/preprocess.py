@@ -4,9 +4,9 @@ Two transforms share one interface:
 
 * :class:`ExactTransform` calls ``CLIPImageProcessorPil`` itself: the reference, bit for bit.
 * :class:`FastTransform` does the same resize → center-crop → rescale → normalize with
-  Pillow and numpy, and lets the decoder use JPEG draft mode (DCT-domain downscaling)
-  when the photo is much larger than the model input. ``docs/benchmarks.md`` records
-  how far it strays from the reference.
+  Pillow and numpy (resizing only the region the crop keeps), and lets the decoder use
+  JPEG draft mode (DCT-domain downscaling) when the photo is much larger than the model
+  input. ``docs/benchmarks.md`` records how far it strays from the reference.
 """
 
 from __future__ import annotations
@@ -67,8 +67,7 @@ class ResizeSpec:
         if (shortest is None) == (size_hw is None):
             return None
         crop_hw = (crop.height, crop.width) if processor.do_center_crop else None
-        smallest_resize = shortest or min(size_hw or (0, 0))
-        if crop_hw is not None and min(crop_hw) > smallest_resize:
+        if crop_hw is not None and not fits_inside(crop_hw, size_hw or (shortest, shortest)):
             return None
         return cls(
             shortest_edge=shortest,
@@ -89,6 +88,21 @@ class ResizeSpec:
         new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
+    def crop_box(self, width: int, height: int) -> tuple[int, int, tuple[float, float, float, float]]:
+        """(height, width) after resize and crop, and the region of the source image they show.
+
+        Resizing that region straight to the crop size (Pillow's ``box``) gives each output
+        pixel the same filter taps, over the same source pixels, as resizing the whole image
+        and cropping the center (the transformers offsets) does, without computing the pixels
+        the crop throws away: 25 % of the resize for a 4:3 photo, 44 % for 16:9.
+        """
+        resized_h, resized_w = self.resized_hw(width, height)
+        crop_h, crop_w = self.crop_hw or (resized_h, resized_w)
+        top, left = (resized_h - crop_h) // 2, (resized_w - crop_w) // 2
+        scale_x, scale_y = width / resized_w, height / resized_h
+        box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
+        return crop_h, crop_w, box
+
 
 class ExactTransform:
     """The reference preprocessing: ``CLIPImageProcessorPil`` on the fully decoded image."""
@@ -104,7 +118,8 @@ class ExactTransform:
 
 
 class FastTransform:
-    """Pillow resize and crop plus a table lookup per channel to normalize; JPEG draft decode allowed."""
+    """Pillow resize of the cropped region plus a table lookup per channel to normalize; JPEG
+    draft decode allowed."""
 
     def __init__(self, spec: ResizeSpec) -> None:
         self.spec = spec
@@ -121,22 +136,18 @@ class FastTransform:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         spec = self.spec
-        height, width = spec.resized_hw(*image.size)
-        resized = image.resize((width, height), resample=spec.resample)
-        pixels = np.asarray(resized)
-        if spec.crop_hw is not None:
-            pixels = center_crop_hwc(pixels, spec.crop_hw)
-        normalized = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        crop_h, crop_w, box = spec.crop_box(*image.size)
+        pixels = np.asarray(image.resize((crop_w, crop_h), resample=spec.resample, box=box))
+        normalized = np.empty((3, crop_h, crop_w), dtype=np.float32)
         for channel in range(3):
             np.take(self._normalized[channel], pixels[..., channel], out=normalized[channel])
         return normalized
 
 
-def center_crop_hwc(pixels: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
-    """Center-crop an (H, W, C) array with the offsets transformers uses."""
-    height, width = pixels.shape[:2]
-    top, left = (height - crop_hw[0]) // 2, (width - crop_hw[1]) // 2
-    return pixels[top : top + crop_hw[0], left : left + crop_hw[1]]
+def fits_inside(crop_hw: tuple[int, int], resized_hw: tuple[int, int]) -> bool:
+    """Whether a center crop of ``crop_hw`` lies inside every image resized to at least ``resized_hw``
+    (a larger crop pads, which the fast path does not do)."""
+    return crop_hw[0] <= resized_hw[0] and crop_hw[1] <= resized_hw[1]
 
 
 def make_transform(processor: CLIPImageProcessorPil, *, exact: bool) -> ImageTransform:
