@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from producer.errors import CliptagError
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
@@ -51,14 +53,18 @@ def expand_sources(
 ) -> Iterator[str]:
     """Image references from a mix of references, local directories and ``s3://…/`` prefixes.
 
-    An ``s3://`` source ending in ``/`` is a prefix to list; a local directory is listed;
-    anything else is passed through as one reference.
+    An ``s3://`` source ending in ``/`` is a prefix to list; a local directory is listed; a
+    local file is made absolute, as listed files are (so ``photos/a.jpg`` and ``photos/``
+    name it alike, in jobs and in the resume record); anything else is passed through as
+    one reference.
     """
     for source in sources:
         if source.startswith("s3://") and source.endswith("/"):
             yield from list_s3_prefix(source, recursive=recursive, endpoint_url=s3_endpoint_url)
         elif Path(source).is_dir():
             yield from list_directory(Path(source), recursive=recursive)
+        elif Path(source).is_file():
+            yield str(Path(source).resolve())
         else:
             yield source
 
@@ -74,24 +80,33 @@ class SubmissionRecord:
 
     Args:
         path: the record file; ``None`` keeps nothing (no resume).
+
+    Raises:
+        CliptagError: a line of the file is not a record entry (not such a record).
     """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.done: set[str] = set()
-        self.job_ids: list[str] = []
         if path is not None and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    self.done.update(entry["images"])
-                    self.job_ids.append(entry["job_id"])
+            self._read(path)
         self._file = path.open("a", encoding="utf-8") if path is not None else None
+
+    def _read(self, path: Path) -> None:
+        """Load ``path``'s entries; an unterminated last line (a write cut short by a crash)
+        is cut off the file: its chunk is sent again under the same job id, a no-op."""
+        data = path.read_bytes()
+        complete, _, torn = data.rpartition(b"\n")
+        for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+            if line.strip():
+                self.done.update(_entry_images(line, path=path, number=number))
+        if torn:
+            with path.open("r+b") as file:
+                file.truncate(len(data) - len(torn))
 
     def add(self, job_id: str, images: list[str]) -> None:
         """Record one submitted job, flushed at once so a crash loses nothing recorded."""
         self.done.update(images)
-        self.job_ids.append(job_id)
         if self._file is not None:
             self._file.write(json.dumps({"job_id": job_id, "images": images}) + "\n")
             self._file.flush()
@@ -105,6 +120,16 @@ class SubmissionRecord:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _entry_images(line: str, *, path: Path, number: int) -> list[str]:
+    try:
+        images = json.loads(line)["images"]
+        if isinstance(images, list) and all(isinstance(image, str) for image in images):
+            return images
+        raise TypeError("its images are not a list of strings")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CliptagError(f"{path} line {number} is not a submission record ({exc})") from None
 
 
 def chunked(references: Iterable[str], size: int) -> Iterator[list[str]]:

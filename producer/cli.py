@@ -10,8 +10,9 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import redis
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -96,7 +97,9 @@ def submit(
         ),
     ],
     labels: Annotated[str | None, typer.Option(help="Comma-separated labels.")] = None,
-    label_file: Annotated[Path | None, typer.Option(help="File with one label per line.")] = None,
+    label_file: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="File with one label per line.")
+    ] = None,
     label_set: Annotated[
         str | None, typer.Option(help="A stored label set (cliptag labels) instead of --labels.")
     ] = None,
@@ -106,7 +109,8 @@ def submit(
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subfolders.")] = False,
     bulk_size: Annotated[int, typer.Option(help="Images per bulk job (1: one job per image).")] = 1,
     record: Annotated[
-        Path | None, typer.Option(help="JSON-lines record of submitted jobs; a rerun skips what it holds.")
+        Path | None,
+        typer.Option(dir_okay=False, help="JSON-lines record of submitted jobs; a rerun skips what's in it."),
     ] = None,
     queue: Annotated[str | None, typer.Option(help="Queue to send to (e.g. cliptag-bulk).")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for and print the results.")] = False,
@@ -126,26 +130,36 @@ def submit(
     options.update({k: v for k, v in {"top_k": top_k, "threshold": threshold}.items() if v is not None})
     references = expand_sources(images, recursive=recursive, s3_endpoint_url=s3_endpoint_url)
     with Client(redis_url, queue=queue) as client, SubmissionRecord(record) as submitted:
-        skipped = len(submitted.done)
-        jobs: list[Job] = []
+        skipped = 0
+
+        def unsubmitted() -> Iterable[str]:
+            nonlocal skipped
+            for reference in references:
+                if reference in submitted.done:
+                    skipped += 1
+                else:
+                    yield reference
+
+        job_ids: list[str] = []  # only with --wait: without it each id is printed as it goes
         with progress_bar() as progress:
             task = progress.add_task("submitting", total=None)
-            for chunk in chunked((r for r in references if r not in submitted.done), bulk_size):
+            for chunk in chunked(unsubmitted(), bulk_size):
                 document = {"images": chunk} if bulk_size > 1 else {"image": chunk[0]}
                 if record is not None:
                     document["job_id"] = backfill_job_id(chunk, options)
                 job = client.submit_job({**document, **options})
                 submitted.add(job.id, chunk)
-                jobs.append(job)
+                if wait:
+                    job_ids.append(job.id)
+                else:
+                    sys.stdout.write(job.id + "\n")
                 progress.advance(task, len(chunk))
         if skipped:
             console.print(f"skipped {skipped} images already in {record}")
         if not wait:
-            for job in jobs:
-                sys.stdout.write(job.id + "\n")
             return
         try:
-            print_results(wait_for(jobs, timeout=timeout), as_json=as_json)
+            print_results(wait_for([client.job(i) for i in job_ids], timeout=timeout), as_json=as_json)
         except JobTimeout as exc:
             console.print(f"[red]{exc}")
             raise typer.Exit(2) from None
@@ -197,8 +211,16 @@ def main() -> None:
     try:
         app()
     except CliptagError as exc:
-        console.print(f"[red]cliptag: {exc}", soft_wrap=True)  # one line, however long
-        raise SystemExit(1) from None
+        fail(str(exc))
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        fail(f"Redis did not answer ({exc}); is CLIPTAG_REDIS_URL right?")
+    except OSError as exc:  # a file named on the command line
+        fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+
+
+def fail(message: str) -> NoReturn:
+    console.print(f"[red]cliptag: {message}", soft_wrap=True)  # one line, however long
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -138,20 +138,24 @@ def retry(
     redis_url: RedisUrl = None,
 ) -> None:
     """Requeue dead letters under their own job ids (fix the cause first)."""
-    failed = 0
+    requeued = failed = 0
     with Client(redis_url) as client:
         letters = select(
             client.dead_letters, job_ids=job_ids or [], every=every, code=code, kind=kind, queue=queue
         )
         for letter in letters:
             try:
-                client.requeue(letter)
+                sent = client.requeue(letter)
             except JobError as exc:
                 failed += 1
                 console.print(f"[red]not requeued {letter.kind} {letter.job_id}: {exc.message}")
                 continue
+            if not sent:
+                console.print(f"{letter.kind} {letter.job_id}: gone meanwhile (sent again or purged)")
+                continue
+            requeued += 1
             sys.stdout.write(f"requeued {letter.kind} {letter.job_id}\n")
-    console.print(f"requeued {len(letters) - failed} of {len(letters)} dead letter(s)")
+    console.print(f"requeued {requeued} of {len(letters)} dead letter(s)")
     if failed:
         raise typer.Exit(1)
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from kombu.utils.encoding import bytes_to_str
 from redis.commands.core import Script
 
 from producer.backfill import chunked
@@ -20,7 +23,7 @@ from producer.delivery import (
     WebhookDelivery,
     claim_key,
     connect,
-    forget_delivery_state,
+    delivery_state_keys,
     webhook_state_key,
 )
 from producer.dlq import DeadLetter, DeadLetterStore
@@ -69,7 +72,7 @@ class Job:
         """
         try:
             payload = self._async.get(timeout=timeout, propagate=False, interval=0.05)
-        except TimeoutError:
+        except (TimeoutError, CeleryTimeout):  # Celery's own is no subclass of the built-in
             raise JobTimeout(f"job {self.id} has no result after {timeout} s") from None
         if not isinstance(payload, dict):
             payload = {
@@ -91,6 +94,15 @@ class Job:
                 result=payload,
             )
         return result
+
+
+@dataclass(frozen=True)
+class Settling:
+    """A dead letter sent again: removed, and ``forget`` (keys of the earlier run) deleted,
+    in the same atomic step that enqueues it."""
+
+    letter: DeadLetter
+    forget: tuple[str, ...] = ()
 
 
 class Client:
@@ -157,11 +169,11 @@ class Client:
         return self.redis.register_script(MARK_AND_ENQUEUE)
 
     def _enqueue(
-        self, request: JobRequest, queue: str, *, only_if_unclaimed: bool, settles: DeadLetter | None = None
-    ) -> None:
+        self, request: JobRequest, queue: str, *, only_if_unclaimed: bool, settles: Settling | None = None
+    ) -> bool:
         """Claim the job id and push the job's message onto ``queue``, in one atomic step;
         with ``only_if_unclaimed``, nothing happens when the id is claimed already."""
-        self._push(
+        return self._push(
             task_message(request.model_dump(mode="json", exclude_none=True), queue=queue),
             queue,
             mark=(claim_key(request.job_id), queue),
@@ -176,26 +188,31 @@ class Client:
         *,
         mark: tuple[str, str],
         only_if_unmarked: bool,
-        settles: DeadLetter | None,
-    ) -> None:
+        settles: Settling | None,
+    ) -> bool:
         """Set ``mark`` (key, value) for the result TTL, push ``message`` onto ``queue`` and
-        remove the dead letter it ``settles``: all or nothing (:data:`MARK_AND_ENQUEUE`)."""
+        settle a dead letter: all or nothing (:data:`MARK_AND_ENQUEUE`). True when pushed."""
         keys = [mark[0], queue]
         args: list[str | int] = [mark[1], self.settings.result_ttl, message, int(only_if_unmarked)]
         if settles is not None:
             store = self.dead_letters
-            keys += [store.entries_key, store.index_key]
-            args.append(store.field(settles.kind, settles.job_id))
-        self._mark_and_enqueue(keys=keys, args=args)
+            keys += [store.entries_key, store.index_key, *settles.forget]
+            args.append(store.field(settles.letter.kind, settles.letter.job_id))
+        return bool(self._mark_and_enqueue(keys=keys, args=args))
 
-    def requeue(self, letter: DeadLetter) -> None:
+    def requeue(self, letter: DeadLetter) -> bool:
         """Send a dead-lettered job (or webhook delivery) again, under its own job id.
 
         A job letter runs again from scratch: its stored result, delivery counts and
-        webhook state are cleared first, so whoever waits on the id gets the new result.
-        A webhook letter is POSTed again with the result still in the backend. Either way
-        the letter is removed in the same atomic step that enqueues the work again; a new
-        failure records a new letter.
+        webhook state are cleared, so whoever waits on the id gets the new result, and its
+        ``expires_at`` is dropped (sending it again is the decision to run it now). A
+        webhook letter is POSTed again with the result still in the backend. Either way the
+        letter is removed in the same atomic step that clears and enqueues; a new failure
+        records a new letter.
+
+        Returns:
+            False when the letter was gone by then (sent again or purged by someone else):
+            nothing was sent or cleared.
 
         Raises:
             JobError: ``invalid_request`` when the letter holds no valid job (a raw message).
@@ -210,18 +227,32 @@ class Client:
                 task_id=str(uuid.uuid4()),
             )
             mark = (webhook_state_key(fresh.job_id), "queued")
-            self._push(message, WEBHOOK_QUEUE, mark=mark, only_if_unmarked=False, settles=letter)
-            return
+            settling = Settling(letter)
+            return self._push(message, WEBHOOK_QUEUE, mark=mark, only_if_unmarked=False, settles=settling)
         if not isinstance(letter.job, dict):
             raise JobError(
                 ErrorCode.INVALID_REQUEST,
                 f"dead letter {letter.job_id!r} holds no job document, only {shorten(letter.job, 60)!r}",
             )
-        request = parse_job({**letter.job, "submitted_at": time.time()}, max_labels=self.settings.max_labels)
-        queue = letter.queue or self.settings.queue
-        AsyncResult(request.job_id, app=self.celery).forget()
-        forget_delivery_state(self.redis, request.job_id)
-        self._enqueue(request, queue, only_if_unclaimed=False, settles=letter)
+        document = {key: value for key, value in letter.job.items() if key != "expires_at"}
+        document |= {"job_id": letter.job_id, "submitted_at": time.time()}
+        request = parse_job(document, max_labels=self.settings.max_labels)
+        return self._enqueue(
+            request,
+            letter.queue or self.settings.queue,
+            only_if_unclaimed=False,
+            settles=Settling(letter, forget=self._job_state_keys(request.job_id)),
+        )
+
+    def _job_state_keys(self, job_id: str) -> tuple[str, ...]:
+        """The broker keys a job's earlier run left: delivery counts, webhook state and, when
+        results live in the broker's Redis (the default), the stored result. A result in a
+        Redis of its own is forgotten here, just before the atomic step."""
+        keys = delivery_state_keys(job_id)
+        if self.settings.backend_url != self.settings.redis_url:
+            AsyncResult(job_id, app=self.celery).forget()
+            return keys
+        return (*keys, bytes_to_str(self.celery.backend.get_key_for_task(job_id)))
 
     def submit_many(
         self,
@@ -255,6 +286,6 @@ def _document(
     images: dict[str, Any], labels: Sequence[str] | None, options: dict[str, Any]
 ) -> dict[str, Any]:
     document = {**images, **options}
-    if labels is not None:
-        document["labels"] = list(labels)
+    if labels is not None:  # a lone string is refused as one, not tagged letter by letter
+        document["labels"] = labels if isinstance(labels, str) else list(labels)
     return document

@@ -192,7 +192,10 @@ class JobRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        size = len(json.dumps(metadata))
+        try:
+            size = len(json.dumps(metadata, allow_nan=False))
+        except (TypeError, ValueError) as exc:  # pydantic reports only ValueError as invalid
+            raise ValueError(f"metadata must be plain JSON: {exc}") from None
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is {size} bytes of JSON, more than {MAX_METADATA_BYTES}")
         return metadata

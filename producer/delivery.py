@@ -65,9 +65,9 @@ def connect(url: str, *, outage_seconds: float = 0.0) -> redis.Redis:
     )
 
 
-def forget_delivery_state(client: redis.Redis, job_id: str) -> None:
-    """Drop the delivery counts and webhook state of ``job_id`` (before it is run again)."""
-    client.delete(deliveries_key(job_id), webhook_state_key(job_id), webhook_lock_key(job_id))
+def delivery_state_keys(job_id: str) -> tuple[str, ...]:
+    """The keys of ``job_id``'s delivery counts and webhook state (cleared before it runs again)."""
+    return deliveries_key(job_id), webhook_state_key(job_id), webhook_lock_key(job_id)
 
 
 class WebhookDelivery(BaseModel):

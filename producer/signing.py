@@ -55,9 +55,9 @@ def parse_header(header: str) -> tuple[int, list[str]]:
     signatures: list[str] = []
     for part in header.split(","):
         name, _, value = part.strip().partition("=")
-        if name == "t" and value.isdigit():
+        if name == "t" and value.isascii() and value.isdigit():  # isdigit alone takes "²"
             timestamp = int(value)
-        elif name == SCHEME and value:
+        elif name == SCHEME and value.isascii() and value:  # compare_digest refuses non-ASCII str
             signatures.append(value)
     if timestamp is None or not signatures:
         raise SignatureError(f"malformed {SIGNATURE_HEADER} header {shorten(header, 80)!r}")

@@ -22,23 +22,30 @@ from producer.contract import TASK_NAME
 CALL_OPTIONS = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 MARK_AND_ENQUEUE = """
+local settling = #KEYS >= 4
+if settling and redis.call('HEXISTS', KEYS[3], ARGV[5]) == 0 then return 0 end
 if ARGV[4] == '1' then
   if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
 else
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
+for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('LPUSH', KEYS[2], ARGV[3])
-if #KEYS == 4 then
+if settling then
   redis.call('HDEL', KEYS[3], ARGV[5])
   redis.call('ZREM', KEYS[4], ARGV[5])
 end
 return 1
 """
 """Set a mark (a job's claim, a webhook's state), push a queue entry and, for a dead letter
-sent again, remove the letter: all or nothing. KEYS: the mark's key, the queue's list, and
-optionally the dead-letter entries hash and index. ARGV: the mark's value, its TTL in
-seconds, the queue entry, ``1`` to do nothing if the mark is set already (``0`` sets it
-again), and the letter's field. Returns 1 when the entry was pushed."""
+sent again, clear the job's earlier state and remove the letter: all or nothing.
+
+KEYS: the mark's key, the queue's list and, for a dead letter, the dead-letter entries hash,
+its index and the keys to delete first (the job's stored result, delivery counts, webhook
+state). ARGV: the mark's value, its TTL in seconds, the queue entry, ``1`` to do nothing if
+the mark is set already (``0`` sets it again), and the letter's field. Returns 1 when the
+entry was pushed; 0 when the mark was set already, or the letter is gone (sent again or
+purged by someone else meanwhile: two concurrent ``dlq retry`` runs send a job once)."""
 
 
 def task_message(

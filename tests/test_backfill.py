@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 from PIL import Image
 
 from producer.backfill import expand_sources
@@ -16,12 +17,13 @@ from producer.client import Client
 
 
 def run_cli(
-    *args: str, redis_url: str, queue: str, env: dict[str, str] | None = None
+    *args: str, redis_url: str, queue: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     variables = {**os.environ, "CLIPTAG_REDIS_URL": redis_url, "CLIPTAG_QUEUE": queue, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
         env=variables,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
@@ -88,6 +90,44 @@ def test_directory_backfill_in_bulk_jobs_resumes_from_its_record(
     assert f"skipped {len(top_level)} images" in everything.stderr
     recorded = [json.loads(line) for line in record.read_text().splitlines()]
     assert sum(len(entry["images"]) for entry in recorded) == len(top_level) + 2
+
+
+def test_submit_prints_ids_as_it_goes_and_resumes_past_a_torn_record(
+    redis_server, queue_name, image_dir: Path, tmp_path: Path
+):
+    """No worker: what ``cliptag submit`` itself does. A record whose last line a crash cut
+    short is mended (that image is sent again); a file named relative to the working
+    directory is the same reference as the directory listing's; without ``--wait`` each job
+    id is printed; ``--wait`` past its timeout and an unreachable Redis are one-line errors."""
+    images = sorted(str(p.resolve()) for p in image_dir.iterdir() if p.is_file())
+    record = tmp_path / "record.jsonl"
+    record.write_text(json.dumps({"job_id": "a", "images": images[:1]}) + '\n{"job_id": "b", "ima')
+    relative = Path(images[1]).relative_to(image_dir.parent)
+
+    first = run_cli(
+        "submit", str(relative), "--labels", "cat", "--record", str(record),
+        redis_url=redis_server.url, queue=queue_name, cwd=image_dir.parent,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert len(first.stdout.split()) == 1 and redis.Redis.from_url(redis_server.url).llen(queue_name) == 1
+    rest = run_cli(
+        "submit", str(image_dir), "--labels", "cat", "--record", str(record),
+        redis_url=redis_server.url, queue=queue_name,
+    )  # fmt: skip
+    assert rest.returncode == 0, rest.stderr
+    assert "skipped 2 images" in rest.stderr and len(rest.stdout.split()) == len(images) - 2
+    entries = [json.loads(line) for line in record.read_text().splitlines()]
+    assert sorted(image for entry in entries for image in entry["images"]) == images
+
+    waited = run_cli(
+        "submit", images[0], "--labels", "cat", "--wait", "--timeout", "0.5",
+        redis_url=redis_server.url, queue=queue_name,
+    )  # fmt: skip
+    assert waited.returncode == 2 and "has no result after 0.5 s" in waited.stderr
+    assert "Traceback" not in waited.stderr
+    unreachable = "redis://127.0.0.1:1/0"
+    down = run_cli("submit", images[0], "--labels", "cat", redis_url=unreachable, queue=queue_name)
+    assert down.returncode == 1 and "Redis did not answer" in down.stderr and "Traceback" not in down.stderr
 
 
 def test_s3_prefix_backfill_lists_with_the_paginator(

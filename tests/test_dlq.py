@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from producer.contract import ErrorInfo
-from producer.delivery import deliveries_key
+from producer.delivery import claim_key, deliveries_key
 from producer.dlq import DeadLetter, DeadLetterStore
 from producer.errors import ErrorCode, JobFailed
 
@@ -108,3 +109,38 @@ def test_store_filters_by_code_kind_and_queue_and_keeps_the_first_failure_time(r
     assert [x.job_id for x in store.list(kind="job")] == ["a2", "b1", "a1"], "ordered by last failure"
     assert store.remove("a1") and not store.remove("a1")
     assert store.get("a1", kind="webhook") is not None, "kinds are separate entries"
+
+
+def test_requeue_runs_the_letter_under_its_own_id_once_and_drops_its_deadline(client, queue_name):
+    """A letter whose document has no ``job_id`` (a producer in another language may leave it
+    to the worker) goes back under the letter's id; an ``expires_at`` long past is dropped;
+    the earlier run's result and delivery counts go in the same atomic step; a letter that is
+    gone by the time it is sent (a concurrent retry) is not sent twice."""
+    job_id = f"orig-{queue_name}"
+    document = {"image": "/data/cat.jpg", "labels": ["cat", "dog"], "expires_at": 1.0}
+    stale = DeadLetter(
+        job_id=job_id,
+        job=document,
+        error=ErrorInfo(code=ErrorCode.EXPIRED, message="expired", retryable=False),
+        queue=queue_name,
+        first_failed_at=1.0,
+        last_failed_at=1.0,
+    )
+    client.dead_letters.add(stale)
+    broker = client.redis
+    client.celery.backend.store_result(job_id, {"job_id": job_id, "status": "error"}, "SUCCESS")
+    broker.hset(deliveries_key(job_id), "0", "1")
+
+    assert client.requeue(stale) is True
+    assert broker.llen(queue_name) == 1
+    entry = json.loads(broker.lindex(queue_name, 0))
+    assert entry["headers"]["id"] == job_id
+    (sent,), _, _ = json.loads(base64.b64decode(entry["body"]))
+    assert sent["job_id"] == job_id and "expires_at" not in sent and sent["image"] == "/data/cat.jpg"
+    assert broker.get(claim_key(job_id)) == queue_name
+    assert client.job(job_id).ready() is False, "the earlier result is gone"
+    assert broker.exists(deliveries_key(job_id)) == 0
+    assert client.dead_letters.get(job_id) is None
+
+    assert client.requeue(stale) is False, "the same letter, sent again by a second operator"
+    assert broker.llen(queue_name) == 1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import pytest
 
+from producer.client import Client
 from producer.contract import MAX_LABEL_CHARS, parse_job
 from producer.errors import ErrorCode, JobError
 
@@ -39,10 +41,19 @@ def refusal(changes: dict[str, Any], *, max_labels: int = 1000) -> str:
         ({"submitted_at": float("inf")}, "submitted_at"),
         ({"image": 42}, "image"),
         ({"image": ""}, "image"),
+        ({"metadata": {"at": datetime.date(2026, 1, 1)}}, "metadata must be plain JSON"),
+        ({"metadata": {"tags": {"a", "b"}}}, "metadata must be plain JSON"),
+        ({"metadata": {"score": float("nan")}}, "metadata must be plain JSON"),
     ],
 )
 def test_bad_requests_are_refused_naming_the_field(changes, named):
     assert named in refusal(changes)
+
+
+def test_the_client_refuses_a_lone_string_as_labels():
+    with Client("redis://127.0.0.1:1/0") as client, pytest.raises(JobError) as raised:
+        client.submit("/photos/cat.jpg", "cat")  # type: ignore[arg-type]
+    assert raised.value.code is ErrorCode.INVALID_REQUEST and "labels" in raised.value.message
 
 
 def test_the_label_limit_is_the_workers_setting():

@@ -211,6 +211,9 @@ def test_signature_format_and_key_rotation():
         verify_signature(body, header, "old", now=1_700_000_000 + 301)
     with pytest.raises(SignatureError, match="altered"):
         verify_signature(body + b" ", header, "old", now=1_700_000_000)
+    for hostile in ("t=\u00b2,v1=ab", "t=1700000000,v1=\u00e9\u00e9"):  # "²" passes isdigit
+        with pytest.raises(SignatureError, match="malformed"):
+            verify_signature(body, hostile, "old", now=1_700_000_000)
 
 
 def test_retry_after_parsing_and_response_classes():
@@ -221,6 +224,7 @@ def test_retry_after_parsing_and_response_classes():
     http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 30))
     assert 28 <= parse_retry_after(http_date, now=now) <= 31
     assert parse_retry_after("soon", now=now) is None and parse_retry_after(None, now=now) is None
+    assert parse_retry_after("\u00b2", now=now) is None
     codes = (200, 204, 301, 400, 404, 408, 429, 500, 503)
     outcomes = {code: classify(httpx.Response(code)) for code in codes}
     assert [c for c, o in outcomes.items() if o.delivered] == [200, 204]
