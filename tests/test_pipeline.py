@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from producer.contract import parse_job
+from tests.servers import Reply
 from worker.budget import Budget
 from worker.config import WorkerSettings
 from worker.loading import load_clip
@@ -93,3 +94,36 @@ def test_bulk_images_run_no_further_ahead_of_a_slow_model_than_the_budget(
     assert PREPARE_CHUNK < counts["most_ahead"] <= ready_ahead_limit(max_batch) < 120, (
         "a chunk is prepared while the model runs the one before, and no more than the budget"
     )
+
+
+def test_a_bulk_job_of_urls_downloads_side_by_side(tiny_clip: Path, http_server):
+    """Remote images are fetched one per I/O thread, as many at once as the look-ahead budget
+    (32 here) allows; they went in chunks of 16 downloaded one after another: 2 at once."""
+    jpeg = (Path(__file__).resolve().parent.parent / "worker" / "samples" / "cat.jpg").read_bytes()
+    lock = threading.Lock()
+    downloads = {"now": 0, "most": 0}
+
+    def slow_image(_request) -> Reply:
+        with lock:
+            downloads["now"] += 1
+            downloads["most"] = max(downloads["most"], downloads["now"])
+        time.sleep(0.2)
+        with lock:
+            downloads["now"] -= 1
+        return Reply(200, jpeg, {"Content-Type": "image/jpeg"})
+
+    references = []
+    for index in range(48):
+        http_server.routes[f"/{index}.jpg"] = slow_image
+        references.append(http_server.url(f"/{index}.jpg"))
+    settings = WorkerSettings(
+        model=str(tiny_clip), device="cpu", max_batch=8, io_threads=48, allow_private_hosts=True
+    )
+    pipeline = Pipeline(load_clip(settings.model, device="cpu"), settings).start()
+    try:
+        job = parse_job({"job_id": "urls", "kind": "tag", "images": references, "labels": ["cat", "dog"]})
+        result = pipeline.run(job)
+    finally:
+        pipeline.stop()
+    assert result.status == "ok" and all(item.status == "ok" for item in result.items or [])
+    assert ready_ahead_limit(8) // 2 < downloads["most"] <= ready_ahead_limit(8), downloads

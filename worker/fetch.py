@@ -15,7 +15,14 @@ from worker.http_source import HttpSource
 from worker.local_source import file_url_path, read_inline, read_local
 from worker.s3_source import S3Source
 
-__all__ = ["FetchPolicy", "Fetcher", "guard_url"]
+__all__ = ["FetchPolicy", "Fetcher", "guard_url", "is_remote"]
+
+REMOTE_SCHEMES = ("http://", "https://", "s3://")
+
+
+def is_remote(reference: str) -> bool:
+    """Whether fetching ``reference`` goes over the network (and may take seconds)."""
+    return reference[:8].lower().startswith(REMOTE_SCHEMES)
 
 
 class Fetcher:
