@@ -61,6 +61,31 @@ def test_a_group_larger_than_a_batch_is_split_and_every_image_answered(loaded: L
     assert text_output.image_embedding is None and text_output.text_embeddings.shape == (1, expected.shape[1])
 
 
+def test_cached_text_embeddings_own_their_rows(loaded: LoadedModel):
+    """A cached row is a tensor of its own, not a view that keeps its whole encoding chunk
+    (up to 256 rows) alive for as long as the one prompt stays in the cache."""
+    engine = ClipEngine(loaded)
+    engine.text_embeddings([f"a photo of a thing {i}." for i in range(40)])
+    row = engine._text_cache["a photo of a thing 7."]
+    assert row.untyped_storage().nbytes() == row.numel() * row.element_size()
+
+
+def test_a_failing_batch_report_does_not_stop_the_batcher(loaded: LoadedModel):
+    engine = ClipEngine(loaded)
+    size = loaded.model.config.vision_config.image_size
+
+    def broken_sink(_stats) -> None:
+        raise BrokenPipeError("the log sink went away")
+
+    batcher = Batcher(engine, max_batch=2, max_wait_ms=0, on_batch=broken_sink).start()
+    try:
+        for seed in range(3):
+            future = batcher.submit(pixels(1, size, seed=seed)[0], [("a cat.",)])
+            assert future.result(timeout=30).image_embedding is not None
+    finally:
+        batcher.stop()
+
+
 @pytest.fixture
 def restore_torch_threads() -> Iterator[int]:
     threads = torch.get_num_threads()

@@ -6,8 +6,10 @@ is slowed, and the test counts images fetched against images through the model.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +129,38 @@ def test_a_bulk_job_of_urls_downloads_side_by_side(tiny_clip: Path, http_server)
         pipeline.stop()
     assert result.status == "ok" and all(item.status == "ok" for item in result.items or [])
     assert ready_ahead_limit(8) // 2 < downloads["most"] <= ready_ahead_limit(8), downloads
+
+
+def test_a_bulk_job_lets_go_of_each_batch_output_once_postprocessed(tiny_clip: Path, tmp_path: Path):
+    """Every batch has a label matrix of its own; a bulk job kept them all (and its images'
+    outputs) until its last image was done: ~1 GB for 10,000 images of 1,000 labels."""
+    images = tmp_path / "images"
+    images.mkdir()
+    references = []
+    for index in range(64):
+        path = images / f"{index:03d}.png"
+        Image.new("RGB", (40, 40), (index * 3, 60, 90)).save(path)
+        references.append(str(path))
+    settings = WorkerSettings(model=str(tiny_clip), device="cpu", local_roots=str(images), max_batch=4)
+    pipeline = Pipeline(load_clip(settings.model, device="cpu"), settings)
+    matrices: dict[int, weakref.ref] = {}
+    most_alive = 0
+    postprocess = pipeline.postprocess
+
+    def watching_postprocess(job, reference, vocabulary, timings, output):
+        nonlocal most_alive
+        matrices.setdefault(output.batch_id, weakref.ref(output.text_embeddings))
+        gc.collect()
+        most_alive = max(most_alive, sum(ref() is not None for ref in matrices.values()))
+        return postprocess(job, reference, vocabulary, timings, output)
+
+    pipeline.postprocess = watching_postprocess  # type: ignore[method-assign]
+    pipeline.start()
+    try:
+        job = parse_job({"job_id": "bulk", "kind": "tag", "images": references, "labels": ["a", "b"]})
+        result = pipeline.run(job)
+    finally:
+        pipeline.stop()
+    assert result.status == "ok" and len(matrices) >= 16
+    ahead = ready_ahead_limit(4) // 4 + 1  # batches the model may run ahead of postprocessing
+    assert most_alive <= ahead < 16, f"{most_alive} of {len(matrices)} matrices alive at once"

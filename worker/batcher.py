@@ -24,8 +24,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
+import structlog
 
 from worker.engine import ClipEngine
+
+log = structlog.get_logger("cliptag.worker")
 
 LabelPrompts = tuple[str, ...]
 """The prompts whose mean embedding stands for one label (one prompt without ensembling)."""
@@ -181,17 +184,26 @@ class Batcher:
                 )
             )
         self.batches_run += 1
-        if self.on_batch is not None:
-            self.on_batch(
-                BatchStats(
-                    batch_id=batch_id,
-                    images=images,
-                    items=len(batch),
-                    new_prompts=self.engine.cache_misses - misses_before,
-                    inference_ms=elapsed_ms,
-                    oldest_wait_ms=(started - min(item.arrived for item in batch)) * 1000.0,
-                )
+        self._report(
+            BatchStats(
+                batch_id=batch_id,
+                images=images,
+                items=len(batch),
+                new_prompts=self.engine.cache_misses - misses_before,
+                inference_ms=elapsed_ms,
+                oldest_wait_ms=(started - min(item.arrived for item in batch)) * 1000.0,
             )
+        )
+
+    def _report(self, stats: BatchStats) -> None:
+        """Hand ``stats`` to ``on_batch``; a failure there (a broken log sink, say) is logged,
+        never raised: it would end the batcher thread, and every job after it would wait forever."""
+        if self.on_batch is None:
+            return
+        try:
+            self.on_batch(stats)
+        except Exception:
+            log.exception("batch_report_failed", batch_id=stats.batch_id)
 
     def _forward(self, batch: list[WorkItem]) -> list[tuple[np.ndarray | None, np.ndarray]]:
         prompts = list(dict.fromkeys(p for item in batch for label in item.labels for p in label))

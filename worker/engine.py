@@ -181,7 +181,8 @@ class ClipEngine:
         fresh: dict[str, torch.Tensor] = {}
         for start in range(0, len(missing), TEXT_CHUNK):
             chunk = missing[start : start + TEXT_CHUNK]
-            fresh.update(zip(chunk, self._encode_texts(chunk), strict=True))
+            # a row of its own: a view would keep its whole chunk alive in the cache
+            fresh.update(zip(chunk, (row.clone() for row in self._encode_texts(chunk)), strict=True))
         rows = [fresh[p] if p in fresh else self._text_cache[p] for p in prompts]
         for prompt in prompts:
             self._remember(prompt, fresh.get(prompt))

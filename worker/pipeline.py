@@ -14,6 +14,7 @@ batches, and a job keeps only its images' timings once they are in a batch, so a
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -219,11 +220,9 @@ class Pipeline:
             if queue_wait_ms is not None:
                 result.timings_ms["queue_wait"] = round(queue_wait_ms, 3)
             return result
-        pending = self._prepare_all(job.references, vocabulary.prompts)
-        items = [
-            self._finish_item(job, ref, future, vocabulary)
-            for ref, future in zip(job.references, pending, strict=True)
-        ]
+        # each image's batch output (and its batch's label matrix) goes once it is postprocessed
+        pending = deque(self._prepare_all(job.references, vocabulary.prompts))
+        items = [self._finish_item(job, ref, pending.popleft(), vocabulary) for ref in job.references]
         for item in items:
             if queue_wait_ms is not None:
                 item.timings_ms["queue_wait"] = round(queue_wait_ms, 3)
