@@ -31,6 +31,12 @@ def redis_transport_options(visibility_timeout: int) -> dict[str, Any]:
     }
 
 
+PUBLISH_RETRY_POLICY = {"max_retries": 64, "interval_start": 0, "interval_step": 0.5, "interval_max": 2.0}
+"""How long a message Celery sends (a job's retry, a webhook delivery) waits out a Redis
+outage: about two minutes, as a stored result does. Celery's default gives up after 0.6 s,
+and a retry that could not be sent rejected its job's message: no result, no dead letter."""
+
+
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
     """Celery settings for ``settings``; see the README's "Wire contract" for why each is set."""
     transport = redis_transport_options(settings.visibility_timeout)
@@ -45,6 +51,7 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "result_extended": True,
         "result_cache_max": -1,  # `cliptag dlq retry` replaces results: never serve a cached one
         "result_backend_always_retry": True,  # a result waits out a Redis outage, never lost
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,

@@ -10,6 +10,7 @@ import contextlib
 import json
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from producer.client import Client
 from producer.config import QueueSettings
 from producer.delivery import deliveries_key
 from producer.errors import ErrorCode, JobFailed
+from tests.servers import Reply
 from tests.waiting import wait_until
 from worker.processes import ProcessError, RedisServer
 
@@ -151,6 +153,42 @@ def test_redis_restart_with_persistence_worker_reconnects_and_every_job_finishes
         assert worker.alive(), "the same worker process reconnected on its own"
         assert "Connection to broker lost" in worker.log_text()
         worker.stop()
+    finally:
+        server.close()
+
+
+def test_a_retry_sent_while_redis_restarts_is_not_lost(
+    start_worker, http_server, image_dir: Path, queue_name: str, tmp_path: Path
+):
+    """A transient failure whose retry message meets a Redis restart: the send waits Redis out
+    (Celery's default policy gave up after 0.6 s and then rejected the job's message: no
+    result, no dead letter, no second run)."""
+    data_dir = tmp_path / "redis-data"
+    data_dir.mkdir()
+    server = RedisServer(data_dir=data_dir, persistent=True).start()
+    first_try = threading.Event()
+    jpeg = (image_dir / "cat.jpg").read_bytes()
+
+    def flaky(_request) -> Reply:
+        if first_try.is_set():
+            return Reply(200, jpeg, {"Content-Type": "image/jpeg"})
+        first_try.set()
+        return Reply(503, b"busy", delay=1.0)  # Redis is down by the time this answer is in
+
+    http_server.routes["/cat.jpg"] = flaky
+    try:
+        start_worker(redis_url=server.url, allow_private_hosts=1, visibility_timeout=30)
+        settings = QueueSettings(redis_url=server.url, queue=queue_name)
+        with Client(settings=settings) as client:
+            job_id = client.submit(http_server.url("/cat.jpg"), LABELS).id
+        assert first_try.wait(60)
+        server.stop()
+        time.sleep(3.0)
+        server = RedisServer(data_dir=data_dir, persistent=True, port=server.port).start()
+        with Client(settings=settings) as client:
+            result = client.job(job_id).result(timeout=120)
+            assert result.status == "ok" and result.attempts == 2
+            assert client.dead_letters.count(queue=queue_name) == 0
     finally:
         server.close()
 
