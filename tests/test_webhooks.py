@@ -15,7 +15,7 @@ import pytest
 
 from producer.celery_conf import WEBHOOK_QUEUE, WEBHOOK_TASK_NAME
 from producer.contract import TASK_NAME
-from producer.delivery import WebhookDelivery, webhook_state_key
+from producer.delivery import WebhookDelivery, webhook_lock_key, webhook_state_key
 from producer.signing import SignatureError, sign, verify_signature
 from tests.servers import HttpServer, Reply, Request
 from tests.waiting import wait_until
@@ -195,6 +195,28 @@ def test_retry_rules_dead_letters_and_no_second_post(start_worker, client, http_
     verify_signature(last.body, headers_of(last)["cliptag-signature"], SECRETS[None])
     assert json.loads(last.body) == stored(client, ids["gone"])
     assert client.dead_letters.get(ids["gone"], kind="webhook") is None
+
+
+def test_a_lock_left_by_a_dead_copy_delays_the_delivery_and_never_drops_it(
+    start_worker, client, http_server, image_dir: Path, queue_name: str
+):
+    """A copy that died POSTing leaves the lock (it outlives a short visibility timeout); the
+    redelivered copy found it "busy" and acked: the webhook was never delivered nor dead-lettered.
+    Now it looks again once the lock has expired."""
+    http_server.routes["/hook"] = Reply(204)
+    start_worker(**WEBHOOK_SETTINGS)
+    job_id = f"locked-{queue_name}"
+    client.redis.set(webhook_lock_key(job_id), "a dead worker's", ex=3)
+    submitted = time.monotonic()
+    job = client.submit(
+        str(image_dir / "cat.jpg"), ["cat"], job_id=job_id, webhook={"url": http_server.url("/hook")}
+    )
+    assert job.result(timeout=60).status == "ok"
+    wait_until(
+        lambda: client.redis.get(webhook_state_key(job_id)) == "delivered", timeout=60, what="the delivery"
+    )
+    assert posts_by_job(http_server) == {job_id: 1}
+    assert time.monotonic() - submitted >= 2.5, "not before the lock expired"
 
 
 def test_signature_format_and_key_rotation():

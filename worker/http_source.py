@@ -70,7 +70,7 @@ class HttpSource:
                 request = self._client.build_request("GET", url)
                 response = self._client.send(request, stream=True)
                 try:
-                    self._check_peer(url, response)
+                    check_peer(self.policy, url, response)
                     target = redirect_target(url, response)
                     if target is None:
                         raise_for_status(url, response)
@@ -82,15 +82,6 @@ class HttpSource:
             ErrorCode.FETCH_REFUSED,
             f"{redact_url(original)!r} redirects more than {self.policy.max_redirects} times",
         )
-
-    def _check_peer(self, url: str, response: httpx.Response) -> None:
-        host = urlsplit(url).hostname or ""
-        if self.policy.trusts(host):
-            return
-        stream = response.extensions.get("network_stream")
-        peer = stream.get_extra_info("server_addr") if stream is not None else None
-        if peer:
-            check_address(host, str(peer[0]))
 
     def _read_body(self, url: str, response: httpx.Response, deadline: float) -> bytes:
         limit = self.policy.max_bytes
@@ -157,3 +148,19 @@ def raise_for_status(url: str, response: httpx.Response) -> None:
     if status == 429 or status >= 500:
         raise JobError(ErrorCode.FETCH_FAILED, f"{where!r} answered HTTP {status}")
     raise JobError(ErrorCode.FETCH_REFUSED, f"{where!r} answered HTTP {status}")
+
+
+def check_peer(policy: FetchPolicy, url: str, response: httpx.Response) -> None:
+    """Refuse a ``response`` from a non-public address (a name that resolved to a public one
+    for the guard and to another for the connection: DNS rebinding), unless the host is trusted.
+
+    Raises:
+        JobError: ``forbidden_host``.
+    """
+    host = urlsplit(url).hostname or ""
+    if policy.trusts(host):
+        return
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    if peer:
+        check_address(host, str(peer[0]))

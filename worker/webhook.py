@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import httpx
 import structlog
 from celery import Task
+from redis import Redis
 
 from producer.celery_conf import WEBHOOK_QUEUE, WEBHOOK_TASK_NAME
 from producer.contract import ErrorInfo
@@ -36,6 +38,7 @@ from worker.app import app, settings
 from worker.backoff import backoff_delay, countdown_cap
 from worker.config import WorkerSettings
 from worker.fetch_policy import guard_url, redact_url
+from worker.http_source import check_peer
 from worker.pipeline import fetch_policy
 from worker.stores import broker_redis, dead_letters, stored_result
 
@@ -139,12 +142,27 @@ def http_client() -> httpx.Client:
 
 
 def attempt_delivery(delivery: WebhookDelivery) -> Outcome:
-    """One POST of the stored result, after the host guard; never raises for delivery failures."""
+    """One POST of the stored result, after the host guard; never raises.
+
+    The answer's status and headers decide; its body is never read, so a receiver that
+    trickles one cannot hold the attempt past its timeouts. An answer from a non-public
+    address (the name resolved to another for the connection than for the guard) counts as
+    a refusal, whatever its status.
+    """
+    try:
+        return _post(delivery)
+    except Exception as exc:  # a bug or a backend outage: retried, then dead-lettered, never dropped
+        log.exception("webhook_attempt_crashed", job_id=delivery.job_id)
+        return Outcome(False, True, f"internal error: {type(exc).__name__}: {shorten(str(exc))}")
+
+
+def _post(delivery: WebhookDelivery) -> Outcome:
     result = stored_result(delivery.job_id)
     if result is None:
         return Outcome(False, False, f"job {delivery.job_id!r} has no stored result to deliver")
+    policy = fetch_policy(settings)
     try:
-        guard_url(delivery.webhook.url, fetch_policy(settings))
+        guard_url(delivery.webhook.url, policy)
         secret = signing_secret(settings, delivery.webhook.key_id)
     except JobError as error:
         return Outcome(False, error.retryable, f"[{error.code.value}] {error.message}")
@@ -157,12 +175,15 @@ def attempt_delivery(delivery: WebhookDelivery) -> Outcome:
     if delivery.webhook.key_id is not None:
         headers[KEY_ID_HEADER] = delivery.webhook.key_id
     try:
-        response = http_client().post(delivery.webhook.url, content=body, headers=headers)
+        with http_client().stream("POST", delivery.webhook.url, content=body, headers=headers) as response:
+            check_peer(policy, delivery.webhook.url, response)
+            return classify(response)
+    except JobError as error:
+        return Outcome(False, error.retryable, f"[{error.code.value}] {error.message}")
     except httpx.TimeoutException as exc:
         return Outcome(False, True, f"timed out: {type(exc).__name__}")
     except httpx.TransportError as exc:
         return Outcome(False, True, f"connection failed: {type(exc).__name__}: {shorten(str(exc))}")
-    return classify(response)
 
 
 def next_countdown(delivery: WebhookDelivery, outcome: Outcome) -> float:
@@ -208,6 +229,18 @@ def _dead_letter(delivery: WebhookDelivery, outcome: Outcome) -> None:
     broker_redis().set(webhook_state_key(delivery.job_id), "failed", ex=settings.result_ttl)
 
 
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def release_lock(redis: Redis, lock: str, token: str) -> None:
+    """Delete ``lock`` if it still holds ``token``: a POST that outlived its lock must not free
+    the lock of the copy that took it over."""
+    redis.eval(RELEASE_LOCK, 1, lock, token)
+
+
 @app.task(name=WEBHOOK_TASK_NAME, bind=True, acks_late=True, max_retries=None, ignore_result=True)
 def deliver_webhook(self: Task, document: Any) -> dict[str, Any]:
     """Make one attempt at delivering ``document`` (a ``WebhookDelivery``); returns what happened."""
@@ -218,16 +251,22 @@ def deliver_webhook(self: Task, document: Any) -> dict[str, Any]:
         log.info("webhook_duplicate", job_id=delivery.job_id)
         return {**report, "status": "duplicate"}
     lock = webhook_lock_key(delivery.job_id)
-    if not redis.set(lock, "1", nx=True, ex=int(3 * settings.webhook_timeout) + 10):
-        # another copy of this delivery is POSTing; it schedules its own retries
-        log.info("webhook_busy", job_id=delivery.job_id)
-        return {**report, "status": "busy"}
+    token = uuid.uuid4().hex
+    if not redis.set(lock, token, nx=True, ex=int(3 * settings.webhook_timeout) + 10):
+        # Another copy is POSTing, or died POSTing (its lock outlives a short visibility
+        # timeout): look again once the lock has expired, never drop the delivery.
+        countdown = max(1.0, float(redis.ttl(lock)))
+        log.info("webhook_busy", job_id=delivery.job_id, countdown=countdown)
+        raise self.retry(countdown=countdown)
     try:
+        if redis.get(webhook_state_key(delivery.job_id)) == "delivered":  # by the lock's last holder
+            log.info("webhook_duplicate", job_id=delivery.job_id)
+            return {**report, "status": "duplicate"}
         outcome = attempt_delivery(delivery)
         if outcome.delivered:
             redis.set(webhook_state_key(delivery.job_id), "delivered", ex=settings.result_ttl)
     finally:
-        redis.delete(lock)
+        release_lock(redis, lock, token)
     report.update(http_status=outcome.status, detail=outcome.detail)
     if outcome.delivered:
         log.info("webhook_delivered", job_id=delivery.job_id, attempt=delivery.attempt, status=outcome.status)
