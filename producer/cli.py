@@ -14,6 +14,7 @@ from typing import Annotated, NoReturn
 
 import redis
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -24,6 +25,7 @@ from producer.cli_labels import labels_app
 from producer.cli_ops import register_ops
 from producer.cli_options import RedisUrl, console
 from producer.client import Client, Job
+from producer.config import QueueSettings
 from producer.contract import DEFAULT_TEMPLATE, JobResult
 from producer.errors import CliptagError, JobTimeout
 from producer.labelsets import read_label_file
@@ -216,6 +218,10 @@ def main() -> None:
         fail(f"Redis did not answer ({exc}); is CLIPTAG_REDIS_URL right?")
     except OSError as exc:  # a file named on the command line
         fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+    except ValidationError as exc:
+        if exc.title != QueueSettings.__name__:
+            raise
+        fail("; ".join(f"CLIPTAG_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()))
 
 
 def fail(message: str) -> NoReturn:

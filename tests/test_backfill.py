@@ -128,6 +128,8 @@ def test_submit_prints_ids_as_it_goes_and_resumes_past_a_torn_record(
     unreachable = "redis://127.0.0.1:1/0"
     down = run_cli("submit", images[0], "--labels", "cat", redis_url=unreachable, queue=queue_name)
     assert down.returncode == 1 and "Redis did not answer" in down.stderr and "Traceback" not in down.stderr
+    sentinel = run_cli("submit", images[0], "--labels", "cat", redis_url="sentinel://h:1", queue=queue_name)
+    assert sentinel.returncode == 1 and "CLIPTAG_REDIS_URL: Value error, 'sentinel' URLs" in sentinel.stderr
 
 
 def test_s3_prefix_backfill_lists_with_the_paginator(

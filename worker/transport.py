@@ -102,21 +102,9 @@ class Transport(GuardedTransportMixin, kombu_redis.Transport):
     Channel = Channel
 
 
-class SentinelChannel(GuardedChannelMixin, ReliableChannelMixin, kombu_redis.SentinelChannel):
-    background_queues = BACKGROUND_QUEUES
-
-
-class SentinelTransport(GuardedTransportMixin, kombu_redis.SentinelTransport):
-    """``sentinel://`` brokers."""
-
-    Channel = SentinelChannel
-
-
 def transport_for(broker_url: str) -> str | None:
     """The guarded transport's import path for ``broker_url``, or ``None`` (kombu's default)."""
     scheme = broker_url.partition("://")[0].lower()
     if scheme in ("redis", "rediss"):
         return "worker.transport:Transport"
-    if scheme == "sentinel":
-        return "worker.transport:SentinelTransport"
     return None
