@@ -122,7 +122,20 @@ def test_redirect_to_another_scheme_is_refused(fetcher, http_server):
     assert fetch_error(fetcher, local_url(http_server, "/go")).code is ErrorCode.UNSUPPORTED_SCHEME
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]", "0.0.0.0", "10.1.2.3", "169.254.169.254"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "[::1]",
+        "0.0.0.0",
+        "10.1.2.3",
+        "169.254.169.254",
+        "[::ffff:10.0.0.1]",  # IPv4-mapped
+        "[64:ff9b::a9fe:a9fe]",  # NAT64 to the metadata address
+        "[2002:7f00:1::1]",  # 6to4 around 127.0.0.1
+        "[::127.0.0.1]",  # IPv4-compatible
+    ],
+)
 def test_guard_refuses_non_public_addresses(fetcher, http_server, host):
     http_server.routes["/img"] = Reply(200, BODY)
     error = fetch_error(fetcher, f"http://{host}:{http_server.port}/img")

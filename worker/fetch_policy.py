@@ -50,12 +50,32 @@ def normalize_host(host: str) -> str:
     return host.lower().rstrip(".")
 
 
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+"""The well-known NAT64 prefix: its last 32 bits are the IPv4 address it reaches."""
+
+
 def is_public_address(address: str) -> bool:
-    """False for loopback, private, link-local (cloud metadata), multicast, reserved, unspecified."""
+    """False for loopback, private, link-local (cloud metadata), multicast, reserved, unspecified,
+    and for IPv6 addresses that carry such an IPv4 address (mapped, NAT64, 6to4, Teredo,
+    IPv4-compatible), which reach it through a translator or tunnel."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    embedded = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+    if embedded is not None:
+        ip = embedded
     return ip.is_global and not ip.is_multicast
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for, if it is one of the forms that embed one."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in NAT64_PREFIX or (int(ip) >> 32 == 0 and int(ip) > 1):  # NAT64; ::a.b.c.d (not :: or ::1)
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    return None
 
 
 def redact_url(url: str) -> str:
