@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.loading import ModelUnavailable, load_clip
+from worker.loading import ModelUnavailable, download_s3_prefix, load_clip
 
 
 def test_s3_prefix_is_downloaded_once_and_served(
@@ -27,6 +27,27 @@ def test_s3_prefix_is_downloaded_once_and_served(
     downloaded = cache / "models" / "clip" / "tiny"
     assert {p.name for p in tiny_clip.iterdir()} <= {p.name for p in downloaded.iterdir()}
     assert (downloaded / ".cliptag-complete").exists()
+
+
+def test_a_model_at_a_bucket_root_loads_and_a_key_with_dots_is_refused(
+    s3_server, tiny_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="root-model")
+    for path in tiny_clip.iterdir():
+        s3.upload_file(str(path), "root-model", path.name)
+    cache = tmp_path / "cache"
+    downloaded = download_s3_prefix("s3://root-model", cache_dir=cache, endpoint_url=s3_server.endpoint_url)
+    assert {p.name for p in tiny_clip.iterdir()} <= {p.name for p in downloaded.iterdir()}
+    assert load_clip(str(downloaded), device="cpu").model.config.vision_config.image_size == 64
+
+    s3.create_bucket(Bucket="hostile")
+    s3.put_object(Bucket="hostile", Key="clip/../../../escaped.txt", Body=b"x")
+    with pytest.raises(ModelUnavailable, match="leads out of its directory"):
+        download_s3_prefix("s3://hostile/clip", cache_dir=cache, endpoint_url=s3_server.endpoint_url)
+    assert not list(tmp_path.rglob("escaped.txt"))
 
 
 def test_input_size_comes_from_the_checkpoint(tiny_clip: Path):

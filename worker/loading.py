@@ -76,18 +76,20 @@ def download_s3_prefix(uri: str, *, cache_dir: Path, endpoint_url: str | None = 
     import boto3
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.rstrip("/")
-    target = cache_dir / bucket / prefix
+    key_prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""  # the bucket's root too
+    target = (cache_dir / bucket / key_prefix).resolve()
     if (target / COMPLETE_MARKER).exists():
         return target
     client = boto3.client("s3", endpoint_url=endpoint_url)
     found = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
         for entry in page.get("Contents", []):
-            relative = entry["Key"][len(prefix) + 1 :]
+            relative = entry["Key"][len(key_prefix) :]
             if not relative or relative.endswith("/"):
                 continue
-            destination = target / relative
+            destination = (target / relative).resolve()
+            if not destination.is_relative_to(target):  # a key with ".." would write anywhere
+                raise ModelUnavailable(f"object key {entry['Key']!r} in {uri} leads out of its directory")
             destination.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, entry["Key"], str(destination))
             found += 1
