@@ -83,9 +83,13 @@ def test_metrics_status_health_and_deadlines_from_one_worker(
     bulk = client.submit_job(
         {"images": [str(image_dir / "cat.jpg"), str(image_dir / "nope.jpg")], "labels": ["x"]}
     )
+    all_missing = client.submit_job(
+        {"images": [str(image_dir / "gone-1.jpg"), str(image_dir / "gone-2.jpg")], "labels": ["x"]}
+    )
     results = [job.result(timeout=60) for job in jobs]
     with pytest.raises(JobFailed) as not_found:
         missing.result(timeout=60)
+    assert all_missing.result(timeout=60, raise_on_error=False).status == "error"
     bulk_result = bulk.result(timeout=60)
     assert bulk_result.status == "ok" and bulk_result.items[1].error is not None
     bulk_code = bulk_result.items[1].error.code.value
@@ -93,8 +97,9 @@ def test_metrics_status_health_and_deadlines_from_one_worker(
     metrics = scrape(port)
     assert metrics[("cliptag_jobs_done_total", (("kind", "tag"),))] == 6  # 4 + timely + bulk
     assert metrics[("cliptag_jobs_failed_total", (("code", "expired"),))] == 1
-    assert metrics[("cliptag_jobs_failed_total", (("code", not_found.value.code.value),))] == 1
-    assert metrics[("cliptag_images_failed_total", (("code", bulk_code),))] == 1
+    assert metrics[("cliptag_jobs_failed_total", (("code", not_found.value.code.value),))] == 2
+    assert bulk_code == not_found.value.code.value
+    assert metrics[("cliptag_images_failed_total", (("code", bulk_code),))] == 3, "all-failed bulk jobs too"
     assert metrics[("cliptag_batch_size_count", ())] >= 1
     assert metrics[("cliptag_batch_size_sum", ())] == metrics[("cliptag_images_total", ())] >= 6
     assert (

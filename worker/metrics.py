@@ -146,13 +146,13 @@ class WorkerMetrics:
             for stage, value in (item.get("timings_ms") or {}).items():
                 if stage in JOB_STAGES:
                     self.stage.labels(stage=stage).observe(value / 1000.0)
+        for item in result.get("items") or []:  # a bulk job's, whether some images succeeded or none
+            if item.get("error"):
+                self.images_failed.labels(code=item["error"]["code"]).inc()
         if result.get("status") == "ok":
             self.jobs_done.labels(kind=result.get("kind", "tag")).inc()
-            for item in result.get("items") or []:
-                if item.get("error"):
-                    self.images_failed.labels(code=item["error"]["code"]).inc()
-            return
-        self.jobs_failed.labels(code=_error_code(result, items)).inc()
+        else:
+            self.jobs_failed.labels(code=_error_code(result, items)).inc()
 
     def watch(
         self,
