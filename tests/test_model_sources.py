@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +50,16 @@ def test_a_model_at_a_bucket_root_loads_and_a_key_with_dots_is_refused(
     with pytest.raises(ModelUnavailable, match="leads out of its directory"):
         download_s3_prefix("s3://hostile/clip", cache_dir=cache, endpoint_url=s3_server.endpoint_url)
     assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_a_processor_without_a_fixed_input_size_is_refused(tiny_clip: Path, tmp_path: Path):
+    """Images of different shapes could not share a batch: every job of it would fail."""
+    checkpoint = tmp_path / "no-crop"
+    shutil.copytree(tiny_clip, checkpoint)
+    config = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    (checkpoint / "preprocessor_config.json").write_text(json.dumps({**config, "do_center_crop": False}))
+    with pytest.raises(ModelUnavailable, match="neither center-crops nor resizes to a fixed"):
+        load_clip(str(checkpoint), device="cpu")
 
 
 def test_input_size_comes_from_the_checkpoint(tiny_clip: Path):

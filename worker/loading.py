@@ -67,6 +67,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def gives_one_input_size(processor: CLIPImageProcessorPil) -> bool:
+    """Whether every image comes out of ``processor`` at the same height and width."""
+    if processor.do_center_crop:
+        return True
+    return bool(processor.do_resize and processor.size.height and processor.size.width)
+
+
 def download_s3_prefix(uri: str, *, cache_dir: Path, endpoint_url: str | None = None) -> Path:
     """Download every object under ``s3://bucket/prefix`` once into ``cache_dir``.
 
@@ -153,6 +160,11 @@ def load_clip(
             f"{source}), or set CLIPTAG_MODEL to a local directory or s3:// prefix holding a "
             "save_pretrained() checkpoint"
         ) from None
+    if not gives_one_input_size(processor):
+        raise ModelUnavailable(
+            f"the image processor of {source!r} neither center-crops nor resizes to a fixed height "
+            "and width, so images of different shapes could not share a batch"
+        )
     model.eval().to(torch_device)
     revision = getattr(model.config, "_commit_hash", None)
     return LoadedModel(
