@@ -136,8 +136,10 @@ def _open_under_roots(raw_path: str, roots: tuple[Path, ...], shown: str) -> int
         _check_under(os.path.realpath(candidate), roots, shown)
         raise JobError(ErrorCode.FETCH_NOT_FOUND, f"no file at {shown!r}") from None
     except PermissionError:
+        _check_under(os.path.realpath(candidate), roots, shown)  # outside: the same message as any
         raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} is not readable") from None
     except OSError as exc:  # ELOOP: a symlink loop, or a symlink swapped in after the check
+        _check_under(os.path.realpath(candidate), roots, shown)
         raise JobError(ErrorCode.FORBIDDEN_PATH, f"{shown!r} cannot be opened ({exc.strerror})") from None
 
 
