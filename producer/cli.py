@@ -124,6 +124,8 @@ def submit(
     redis_url: RedisUrl = None,
 ) -> None:
     """Enqueue images for tagging (directories and s3:// prefixes for backfills); --wait prints results."""
+    if label_set is not None and (labels or label_file):
+        raise CliptagError("--label-set replaces --labels and --label-file: give one or the other")
     options: dict[str, object] = (
         {"label_set": label_set}
         if label_set is not None

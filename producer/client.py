@@ -36,7 +36,8 @@ class Job:
 
     Attributes:
         id: the job id (also the Celery task id).
-        request: the validated job document, when this handle enqueued it.
+        request: the validated job document, when this handle enqueued it (``None`` when the
+            id was taken already: the first submission's document is the one that runs).
     """
 
     def __init__(self, client: Client, job_id: str, request: JobRequest | None = None) -> None:
@@ -161,8 +162,8 @@ class Client:
         )
         document.setdefault("submitted_at", time.time())
         request = parse_job(document, max_labels=self.settings.max_labels)
-        self._enqueue(request, queue or self.settings.queue, only_if_unclaimed=True)
-        return Job(self, request.job_id, request)
+        enqueued = self._enqueue(request, queue or self.settings.queue, only_if_unclaimed=True)
+        return Job(self, request.job_id, request if enqueued else None)
 
     @cached_property
     def _mark_and_enqueue(self) -> Script:
@@ -268,8 +269,14 @@ class Client:
             images: the references.
             labels: the labels every image is scored against.
             bulk_size: 0 sends one job per image; N > 0 sends bulk jobs of up to N images.
-            options: the other job fields, shared by every job.
+            options: the other job fields, shared by every job (not ``job_id``: every job
+                after the first would be the first one again).
+
+        Raises:
+            JobError: ``invalid_request`` for a ``job_id`` in ``options``.
         """
+        if "job_id" in options:
+            raise JobError(ErrorCode.INVALID_REQUEST, "submit_many takes no job_id: each job gets its own")
         if bulk_size <= 0:
             for image in images:
                 yield self.submit(image, labels, **options)

@@ -38,6 +38,7 @@ def test_same_job_id_pending_or_done_runs_once_and_result_outlives_worker(
     pending_again = client.submit(cat, ["cat", "dog"], job_id=job_id, metadata={"n": 2})
     assert pending_again.id == first.id == job_id
     assert client.redis.llen(queue_name) == 1, "a pending job id is enqueued once"
+    assert first.request is not None and pending_again.request is None, "not the document that runs"
 
     worker = start_worker(result_ttl=600)
     result = first.result(timeout=60)
