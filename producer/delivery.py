@@ -45,6 +45,12 @@ def webhook_lock_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:webhook-lock:{job_id}"
 
 
+CONNECT_TIMEOUT_SECONDS = 5.0
+REPLY_TIMEOUT_SECONDS = 30.0
+"""No command of these clients blocks on purpose: a Redis that accepts connections and never
+answers must not hang a worker thread or ``cliptag dlq`` for ever."""
+
+
 def connect(url: str, *, outage_seconds: float = 0.0) -> redis.Redis:
     """A redis-py client for ``url`` that answers ``str``.
 
@@ -54,14 +60,16 @@ def connect(url: str, *, outage_seconds: float = 0.0) -> redis.Redis:
             worker waits out a Redis restart instead of failing the job); 0 keeps redis-py's
             short default.
     """
+    timeouts = {"socket_connect_timeout": CONNECT_TIMEOUT_SECONDS, "socket_timeout": REPLY_TIMEOUT_SECONDS}
     if outage_seconds <= 0:
-        return redis.Redis.from_url(url, decode_responses=True)
+        return redis.Redis.from_url(url, decode_responses=True, **timeouts)
     retry = Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=int(outage_seconds) + 1)
     return redis.Redis.from_url(
         url,
         decode_responses=True,
         retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        **timeouts,
     )
 
 
