@@ -1,8 +1,8 @@
 """One job from request to result: preprocess → forward (batched) → postprocess.
 
 No Celery here: the Celery task, the benchmarks and the tests all drive this class.
-A job's images go in chunks through two pools: I/O threads fetch (any number may wait
-on the network), decode threads (one per core: more only fight over the GIL) decode and
+A job's images go in chunks through two pools: I/O threads fetch (local files in
+chunks, remote images one per thread), decode threads (one per core: more only fight over the GIL) decode and
 preprocess, and hand each chunk to the batcher. So the next images are ready while the
 model runs the current batch, and a slow download never holds a batch.
 
@@ -39,8 +39,8 @@ from worker.scoring import encode_embedding, rank_labels, rank_texts
 from worker.similarity import label_scores
 
 PREPARE_CHUNK = 16
-"""Images of a job fetched, decoded and handed to the batcher together: fewer thread
-hand-offs per image, and fuller batches."""
+"""Local images of a job fetched, decoded and handed to the batcher together: fewer thread
+hand-offs per image, and fuller batches (remote ones go alone: :func:`fetch_chunks`)."""
 
 READY_AHEAD_BATCHES = 4
 """Images that may be fetched or decoded but not yet through the model, in batches of

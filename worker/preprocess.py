@@ -4,7 +4,7 @@ Two transforms share one interface:
 
 * :class:`ExactTransform` calls ``CLIPImageProcessorPil`` itself: the reference, bit for bit.
 * :class:`FastTransform` does the same resize → center-crop → rescale → normalize with
-  Pillow and numpy (resizing only the region the crop keeps), and lets the decoder use
+  Pillow and numpy (resizing only the columns the crop keeps), and lets the decoder use
   JPEG draft mode (DCT-domain downscaling) when the photo is much larger than the model
   input. ``docs/benchmarks.md`` records how far it strays from the reference.
 """
@@ -125,8 +125,8 @@ class ExactTransform:
 
 
 class FastTransform:
-    """Pillow resize of the cropped region plus a table lookup per channel to normalize; JPEG
-    draft decode allowed."""
+    """Pillow resize of the columns the crop keeps plus a table lookup per channel to normalize;
+    JPEG draft decode allowed."""
 
     def __init__(self, spec: ResizeSpec) -> None:
         self.spec = spec
