@@ -1,9 +1,9 @@
 """One job from request to result: preprocess → forward (batched) → postprocess.
 
 No Celery here: the Celery task, the benchmarks and the tests all drive this class.
-A job's images go in chunks through two pools: I/O threads fetch (local files in
-chunks, remote images one per thread), decode threads (one per core: more only fight over the GIL) decode and
-preprocess, and hand each chunk to the batcher. So the next images are ready while the
+A job's images go in chunks through two pools: I/O threads fetch (local files in chunks,
+remote images one per thread), decode threads (one per core: more only fight over the
+GIL) decode and preprocess, and hand each chunk to the batcher. So the next images are ready while the
 model runs the current batch, and a slow download never holds a batch.
 
 Images are fetched no further ahead of the model than :data:`READY_AHEAD_BATCHES`
