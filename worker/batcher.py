@@ -24,11 +24,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-import structlog
 
 from worker.engine import ClipEngine
+from worker.engine_log import get_logger
 
-log = structlog.get_logger("cliptag.worker")
+log = get_logger("cliptag.worker")
 
 LabelPrompts = tuple[str, ...]
 """The prompts whose mean embedding stands for one label (one prompt without ensembling)."""

@@ -19,13 +19,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import structlog
 import torch
 from transformers.utils import logging as hf_logging
 
+from worker.engine_log import get_logger
 from worker.loading import LoadedModel
 
-log = structlog.get_logger("cliptag.worker")
+log = get_logger("cliptag.worker")
 
 TRACE_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 """How far below 1 the cosine between a traced and an eager embedding may fall, per dtype
