@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import stat
 import uuid
 from collections.abc import Iterator
@@ -142,6 +143,27 @@ def test_guard_refuses_non_public_addresses(fetcher, http_server, host):
     assert error.code is ErrorCode.FORBIDDEN_HOST
     assert not error.retryable
     assert http_server.requests == []
+
+
+def test_a_name_that_resolves_elsewhere_for_the_connection_is_refused(
+    fetcher, http_server, monkeypatch: pytest.MonkeyPatch
+):
+    """DNS rebinding: the guard's lookup answers a public address, the connection's answers
+    127.0.0.1. The address actually connected to is checked before the body is read."""
+    real_getaddrinfo = socket.getaddrinfo
+    answers = iter(["93.184.216.34", "127.0.0.1"])
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "rebind.example":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        address = next(answers, "127.0.0.1")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    http_server.routes["/img"] = Reply(200, BODY)
+    error = fetch_error(fetcher, f"http://rebind.example:{http_server.port}/img")
+    assert error.code is ErrorCode.FORBIDDEN_HOST and "127.0.0.1" in error.message
+    assert len(http_server.requests) == 1, "the request went out; its answer was refused"
 
 
 def test_declared_size_over_the_cap_is_refused(fetcher, http_server):

@@ -219,6 +219,44 @@ def test_a_lock_left_by_a_dead_copy_delays_the_delivery_and_never_drops_it(
     assert time.monotonic() - submitted >= 2.5, "not before the lock expired"
 
 
+REBINDING_DNS = """
+import itertools, socket
+
+_real_getaddrinfo = socket.getaddrinfo
+_answers = itertools.cycle(["93.184.216.34", "127.0.0.1"])  # the guard's lookup, then the connection's
+
+
+def _rebinding(host, port, *args, **kwargs):
+    if host != "rebind.example":
+        return _real_getaddrinfo(host, port, *args, **kwargs)
+    return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(_answers), port))]
+
+
+socket.getaddrinfo = _rebinding
+"""
+
+
+def test_a_webhook_name_that_rebinds_to_a_private_address_gets_nothing_back(
+    start_worker, client, http_server, image_dir: Path, tmp_path: Path
+):
+    """The worker's resolver answers a public address for the guard and 127.0.0.1 for the
+    connection (a ``sitecustomize`` in the worker process stands in for a hostile DNS). The
+    POST reaches the private address (documented), but its answer counts as forbidden_host."""
+    dns = tmp_path / "dns"
+    dns.mkdir()
+    (dns / "sitecustomize.py").write_text(REBINDING_DNS)
+    http_server.routes["/hook"] = Reply(204)
+    python_path = f"{dns}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    start_worker(env={"PYTHONPATH": python_path}, **WEBHOOK_SETTINGS)
+    url = f"http://rebind.example:{http_server.port}/hook"
+    job = client.submit(str(image_dir / "cat.jpg"), ["cat"], webhook={"url": url})
+    assert job.result(timeout=60).status == "ok"
+    wait_until(lambda: client.redis.get(webhook_state_key(job.id)) == "failed", timeout=60, what="refusal")
+    letter = client.dead_letters.get(job.id, kind="webhook")
+    assert letter is not None and "[forbidden_host]" in letter.error.message
+    assert "127.0.0.1" in letter.error.message and "HTTP 204" not in letter.error.message
+
+
 def test_signature_format_and_key_rotation():
     body = b'{"job_id":"x","status":"ok"}'
     header = sign(body, "old", timestamp=1_700_000_000)
