@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
 from producer.celery_conf import WEBHOOK_QUEUE, WEBHOOK_TASK_NAME
 from producer.contract import TASK_NAME
@@ -19,6 +23,7 @@ from producer.delivery import WebhookDelivery, webhook_lock_key, webhook_state_k
 from producer.signing import SignatureError, sign, verify_signature
 from tests.servers import HttpServer, Reply, Request
 from tests.waiting import wait_until
+from worker.fetch_policy import PinnedUrl, pin
 from worker.processes import free_port
 
 SECRETS = {None: "default-secret", "k2": "second-secret"}
@@ -236,25 +241,71 @@ socket.getaddrinfo = _rebinding
 """
 
 
-def test_a_webhook_name_that_rebinds_to_a_private_address_gets_nothing_back(
+def test_a_webhook_name_that_rebinds_to_a_private_address_gets_nothing(
     start_worker, client, http_server, image_dir: Path, tmp_path: Path
 ):
-    """The worker's resolver answers a public address for the guard and 127.0.0.1 for the
-    connection (a ``sitecustomize`` in the worker process stands in for a hostile DNS). The
-    POST reaches the private address (documented), but its answer counts as forbidden_host."""
+    """The worker's resolver answers a public address for the guard and 127.0.0.1 for any
+    later lookup (a ``sitecustomize`` in the worker process stands in for a hostile DNS).
+    The POST goes to the address the guard checked, so nothing reaches 127.0.0.1."""
     dns = tmp_path / "dns"
     dns.mkdir()
     (dns / "sitecustomize.py").write_text(REBINDING_DNS)
     http_server.routes["/hook"] = Reply(204)
     python_path = f"{dns}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    start_worker(env={"PYTHONPATH": python_path}, **WEBHOOK_SETTINGS)
+    start_worker(env={"PYTHONPATH": python_path}, webhook_max_attempts=1, **WEBHOOK_SETTINGS)
     url = f"http://rebind.example:{http_server.port}/hook"
     job = client.submit(str(image_dir / "cat.jpg"), ["cat"], webhook={"url": url})
     assert job.result(timeout=60).status == "ok"
-    wait_until(lambda: client.redis.get(webhook_state_key(job.id)) == "failed", timeout=60, what="refusal")
+    wait_until(lambda: client.redis.get(webhook_state_key(job.id)) == "failed", timeout=60, what="failure")
+    assert http_server.requests == [], "no request reached the private address"
     letter = client.dead_letters.get(job.id, kind="webhook")
-    assert letter is not None and "[forbidden_host]" in letter.error.message
-    assert "127.0.0.1" in letter.error.message and "HTTP 204" not in letter.error.message
+    assert letter is not None and "HTTP 204" not in letter.error.message
+
+
+def post_pinned(client: httpx.Client, pinned: PinnedUrl) -> httpx.Response:
+    return client.post(pinned.url, content=b"{}", headers={"Host": pinned.host}, extensions=pinned.extensions)
+
+
+def test_a_pinned_https_request_keeps_its_name_for_tls_and_host():
+    """A webhook POST goes to the guarded address, while TLS (SNI, certificate check) and the
+    Host header still see the receiver's name; a certificate for another name is refused."""
+    authority = trustme.CA()
+    certificate = authority.issue_cert("hooks.example")
+    seen_hosts: list[str] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen_hosts.append(self.headers["Host"])
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate.configure_cert(server_context)
+    server.socket = server_context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    try:
+        with httpx.Client(verify=client_context) as https:
+            pinned = pin(f"https://hooks.example:{port}/hook", "127.0.0.1")
+            assert pinned.url == f"https://127.0.0.1:{port}/hook" and pinned.host == f"hooks.example:{port}"
+            answer = post_pinned(https, pinned)
+            assert answer.status_code == 204 and seen_hosts == [f"hooks.example:{port}"]
+            impostor = pin(f"https://other.example:{port}/hook", "127.0.0.1")
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                post_pinned(https, impostor)
+    finally:
+        server.shutdown()
+        server.server_close()
+    literal = "http://user:pw@[2001:db8::1]:8080/h?q=1"
+    assert pin(literal, "2001:db8::1").url == literal
+    assert pin("http://hooks.example/h", "192.0.2.1") == PinnedUrl("http://192.0.2.1/h", "hooks.example", {})
 
 
 def test_signature_format_and_key_rotation():

@@ -6,7 +6,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from producer.errors import ErrorCode, JobError, shorten
 
@@ -93,8 +93,12 @@ def redact_url(url: str) -> str:
     return shorten(f"{parts.scheme}://{netloc}{parts.path}{suffix}")
 
 
-def guard_url(url: str, policy: FetchPolicy) -> None:
+def guard_url(url: str, policy: FetchPolicy) -> list[str]:
     """Refuse ``url`` unless its host resolves only to public addresses or is allowlisted.
+
+    Returns:
+        The addresses the host resolved to, each checked; none for an allowlisted host
+        (not looked up) or with the guard off.
 
     Raises:
         JobError: ``invalid_request`` when the URL has no usable host or port,
@@ -109,15 +113,17 @@ def guard_url(url: str, policy: FetchPolicy) -> None:
     if not host:
         raise JobError(ErrorCode.INVALID_REQUEST, f"{redact_url(url)!r} has no host")
     if policy.trusts(host):
-        return
+        return []
     try:
         infos = socket.getaddrinfo(
             host, port or DEFAULT_PORTS.get(parts.scheme.lower(), 443), type=socket.SOCK_STREAM
         )
     except (socket.gaierror, UnicodeError):
         raise JobError(ErrorCode.FETCH_FAILED, f"host {shorten(host)!r} does not resolve") from None
-    for *_, sockaddr in infos:
-        check_address(host, str(sockaddr[0]))
+    addresses = list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in infos))
+    for address in addresses:
+        check_address(host, address)
+    return addresses
 
 
 def check_address(host: str, address: str) -> None:
@@ -132,3 +138,33 @@ def check_address(host: str, address: str) -> None:
             f"host {shorten(host)!r} resolves to non-public address {address} "
             "(allow it with CLIPTAG_ALLOWED_HOSTS)",
         )
+
+
+@dataclass(frozen=True)
+class PinnedUrl:
+    """A request sent straight to an address the guard checked, so that a second DNS answer
+    for the connection cannot send it elsewhere (DNS rebinding).
+
+    Attributes:
+        url: the URL with its host replaced by the address (user info and port kept).
+        host: the ``Host`` header: the name and port of the original URL.
+        extensions: httpx request extensions; for https the name for TLS (SNI and the
+            certificate check), which would otherwise be checked against the address.
+    """
+
+    url: str
+    host: str
+    extensions: dict[str, str]
+
+
+def pin(url: str, address: str) -> PinnedUrl:
+    """``url`` sent to ``address`` (one that :func:`guard_url` returned for it)."""
+    parts = urlsplit(url)
+    name = parts.hostname or ""
+    port = f":{parts.port}" if parts.port is not None else ""
+    userinfo = parts.netloc.rpartition("@")[0]
+    literal = f"[{address}]" if ":" in address else address
+    netloc = f"{userinfo}@{literal}{port}" if userinfo else f"{literal}{port}"
+    extensions = {"sni_hostname": name} if parts.scheme.lower() == "https" else {}
+    host = f"[{name}]" if ":" in name else name
+    return PinnedUrl(urlunsplit(parts._replace(netloc=netloc)), f"{host}{port}", extensions)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import email.utils
 import json
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -37,7 +39,7 @@ from producer.signing import JOB_ID_HEADER, KEY_ID_HEADER, SIGNATURE_HEADER, sig
 from worker.app import app, settings
 from worker.backoff import backoff_delay, countdown_cap
 from worker.config import WorkerSettings
-from worker.fetch_policy import guard_url, redact_url
+from worker.fetch_policy import PinnedUrl, guard_url, pin, redact_url
 from worker.http_source import check_peer
 from worker.pipeline import fetch_policy
 from worker.stores import broker_redis, dead_letters, stored_result
@@ -132,9 +134,25 @@ def classify(response: httpx.Response) -> Outcome:
     return Outcome(False, retryable, f"HTTP {status} from the receiver", status, retry_after)
 
 
-@cache
-def http_client() -> httpx.Client:
-    """One pooled client per process; redirects are not followed (each hop would need the guard)."""
+CLIENTS_KEPT = 64
+"""Receiver host names whose connections are kept for reuse (least recently used dropped)."""
+_clients: OrderedDict[str, httpx.Client] = OrderedDict()
+_clients_lock = threading.Lock()
+
+
+def http_client(host: str) -> httpx.Client:
+    """The pooled client for receivers named ``host``; redirects are not followed (each hop
+    would need the guard). One per name, because requests go to the guarded address: a pool
+    shared by two names on one address would reuse one name's TLS connection for the other."""
+    with _clients_lock:
+        client = _clients.pop(host, None) or _new_client()
+        _clients[host] = client
+        if len(_clients) > CLIENTS_KEPT:
+            _clients.popitem(last=False)[1].close()
+        return client
+
+
+def _new_client() -> httpx.Client:
     timeout = httpx.Timeout(settings.webhook_timeout, connect=min(5.0, settings.webhook_timeout))
     return httpx.Client(
         timeout=timeout, follow_redirects=False, trust_env=False, headers={"User-Agent": USER_AGENT}
@@ -160,12 +178,13 @@ def _post(delivery: WebhookDelivery) -> Outcome:
     result = stored_result(delivery.job_id)
     if result is None:
         return Outcome(False, False, f"job {delivery.job_id!r} has no stored result to deliver")
-    policy = fetch_policy(settings)
+    url, policy = delivery.webhook.url, fetch_policy(settings)
     try:
-        guard_url(delivery.webhook.url, policy)
+        addresses = guard_url(url, policy)
         secret = signing_secret(settings, delivery.webhook.key_id)
     except JobError as error:
         return Outcome(False, error.retryable, f"[{error.code.value}] {error.message}")
+    pinned = pin(url, addresses[0]) if addresses else PinnedUrl(url, "", {})
     body = json.dumps(result, separators=(",", ":")).encode()
     headers = {
         "Content-Type": "application/json",
@@ -174,9 +193,14 @@ def _post(delivery: WebhookDelivery) -> Outcome:
     }
     if delivery.webhook.key_id is not None:
         headers[KEY_ID_HEADER] = delivery.webhook.key_id
+    if pinned.host:
+        headers["Host"] = pinned.host
+    client = http_client(urlsplit(url).hostname or "")
     try:
-        with http_client().stream("POST", delivery.webhook.url, content=body, headers=headers) as response:
-            check_peer(policy, delivery.webhook.url, response)
+        with client.stream(
+            "POST", pinned.url, content=body, headers=headers, extensions=pinned.extensions
+        ) as response:
+            check_peer(policy, url, response)
             return classify(response)
     except JobError as error:
         return Outcome(False, error.retryable, f"[{error.code.value}] {error.message}")
