@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from producer.errors import ErrorCode, JobError, shorten
-from worker.fetch_policy import FetchPolicy, check_address, guard_url, redact_url
+from worker.fetch_policy import FetchPolicy, guard_url, redact_url
+from worker.http_clients import ClientsByHost
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 NOT_FOUND_STATUSES = frozenset({404, 410})
@@ -32,14 +33,17 @@ class HttpSource:
 
     def __init__(self, policy: FetchPolicy) -> None:
         self.policy = policy
-        # Proxy variables are ignored on purpose: the guard checks the address it connects
-        # to, which behind a proxy would be the proxy's.
-        self._client = httpx.Client(
+        self._clients = ClientsByHost(self._new_client)
+
+    def _new_client(self) -> httpx.Client:
+        # Proxy variables are ignored on purpose: requests go to the address the guard
+        # checked, which behind a proxy would be the proxy's.
+        return httpx.Client(
             timeout=httpx.Timeout(
-                connect=policy.connect_timeout,
-                read=policy.read_timeout,
-                write=policy.read_timeout,
-                pool=policy.connect_timeout,
+                connect=self.policy.connect_timeout,
+                read=self.policy.read_timeout,
+                write=self.policy.read_timeout,
+                pool=self.policy.connect_timeout,
             ),
             follow_redirects=False,
             trust_env=False,
@@ -47,7 +51,7 @@ class HttpSource:
         )
 
     def close(self) -> None:
-        self._client.close()
+        self._clients.close()
 
     def fetch(self, url: str) -> bytes:
         """The body at ``url`` after at most ``policy.max_redirects`` redirects.
@@ -65,12 +69,10 @@ class HttpSource:
                 raise JobError(
                     ErrorCode.UNSUPPORTED_SCHEME, f"redirected to unsupported scheme {shorten(scheme)!r}"
                 )
-            guard_url(url, self.policy)
+            client, request = self._clients.request("GET", url, guard_url(url, self.policy))
             with translate_http_errors(url):
-                request = self._client.build_request("GET", url)
-                response = self._client.send(request, stream=True)
+                response = client.send(request, stream=True)
                 try:
-                    check_peer(self.policy, url, response)
                     target = redirect_target(url, response)
                     if target is None:
                         raise_for_status(url, response)
@@ -148,19 +150,3 @@ def raise_for_status(url: str, response: httpx.Response) -> None:
     if status == 429 or status >= 500:
         raise JobError(ErrorCode.FETCH_FAILED, f"{where!r} answered HTTP {status}")
     raise JobError(ErrorCode.FETCH_REFUSED, f"{where!r} answered HTTP {status}")
-
-
-def check_peer(policy: FetchPolicy, url: str, response: httpx.Response) -> None:
-    """Refuse a ``response`` from a non-public address (a name that resolved to a public one
-    for the guard and to another for the connection: DNS rebinding), unless the host is trusted.
-
-    Raises:
-        JobError: ``forbidden_host``.
-    """
-    host = urlsplit(url).hostname or ""
-    if policy.trusts(host):
-        return
-    stream = response.extensions.get("network_stream")
-    peer = stream.get_extra_info("server_addr") if stream is not None else None
-    if peer:
-        check_address(host, str(peer[0]))

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import email.utils
 import json
-import threading
 import time
 import uuid
-from collections import OrderedDict
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -39,8 +37,8 @@ from producer.signing import JOB_ID_HEADER, KEY_ID_HEADER, SIGNATURE_HEADER, sig
 from worker.app import app, settings
 from worker.backoff import backoff_delay, countdown_cap
 from worker.config import WorkerSettings
-from worker.fetch_policy import PinnedUrl, guard_url, pin, redact_url
-from worker.http_source import check_peer
+from worker.fetch_policy import guard_url, redact_url
+from worker.http_clients import ClientsByHost
 from worker.pipeline import fetch_policy
 from worker.stores import broker_redis, dead_letters, stored_result
 
@@ -134,38 +132,24 @@ def classify(response: httpx.Response) -> Outcome:
     return Outcome(False, retryable, f"HTTP {status} from the receiver", status, retry_after)
 
 
-CLIENTS_KEPT = 64
-"""Receiver host names whose connections are kept for reuse (least recently used dropped)."""
-_clients: OrderedDict[str, httpx.Client] = OrderedDict()
-_clients_lock = threading.Lock()
-
-
-def http_client(host: str) -> httpx.Client:
-    """The pooled client for receivers named ``host``; redirects are not followed (each hop
-    would need the guard). One per name, because requests go to the guarded address: a pool
-    shared by two names on one address would reuse one name's TLS connection for the other."""
-    with _clients_lock:
-        client = _clients.pop(host, None) or _new_client()
-        _clients[host] = client
-        if len(_clients) > CLIENTS_KEPT:
-            _clients.popitem(last=False)[1].close()
-        return client
-
-
 def _new_client() -> httpx.Client:
+    """A client for webhook POSTs; redirects are not followed (each hop would need the guard)."""
     timeout = httpx.Timeout(settings.webhook_timeout, connect=min(5.0, settings.webhook_timeout))
     return httpx.Client(
         timeout=timeout, follow_redirects=False, trust_env=False, headers={"User-Agent": USER_AGENT}
     )
 
 
+receivers = ClientsByHost(_new_client)
+"""The process's webhook clients, one per receiver name (``worker.http_clients``)."""
+
+
 def attempt_delivery(delivery: WebhookDelivery) -> Outcome:
     """One POST of the stored result, after the host guard; never raises.
 
+    The POST goes to the address the guard checked (no second DNS answer can redirect it).
     The answer's status and headers decide; its body is never read, so a receiver that
-    trickles one cannot hold the attempt past its timeouts. An answer from a non-public
-    address (the name resolved to another for the connection than for the guard) counts as
-    a refusal, whatever its status.
+    trickles one cannot hold the attempt past its timeouts.
     """
     try:
         return _post(delivery)
@@ -178,13 +162,12 @@ def _post(delivery: WebhookDelivery) -> Outcome:
     result = stored_result(delivery.job_id)
     if result is None:
         return Outcome(False, False, f"job {delivery.job_id!r} has no stored result to deliver")
-    url, policy = delivery.webhook.url, fetch_policy(settings)
+    url = delivery.webhook.url
     try:
-        addresses = guard_url(url, policy)
+        addresses = guard_url(url, fetch_policy(settings))
         secret = signing_secret(settings, delivery.webhook.key_id)
     except JobError as error:
         return Outcome(False, error.retryable, f"[{error.code.value}] {error.message}")
-    pinned = pin(url, addresses[0]) if addresses else PinnedUrl(url, "", {})
     body = json.dumps(result, separators=(",", ":")).encode()
     headers = {
         "Content-Type": "application/json",
@@ -193,17 +176,10 @@ def _post(delivery: WebhookDelivery) -> Outcome:
     }
     if delivery.webhook.key_id is not None:
         headers[KEY_ID_HEADER] = delivery.webhook.key_id
-    if pinned.host:
-        headers["Host"] = pinned.host
-    client = http_client(urlsplit(url).hostname or "")
+    client, request = receivers.request("POST", url, addresses, content=body, headers=headers)
     try:
-        with client.stream(
-            "POST", pinned.url, content=body, headers=headers, extensions=pinned.extensions
-        ) as response:
-            check_peer(policy, url, response)
+        with closing(client.send(request, stream=True)) as response:
             return classify(response)
-    except JobError as error:
-        return Outcome(False, error.retryable, f"[{error.code.value}] {error.message}")
     except httpx.TimeoutException as exc:
         return Outcome(False, True, f"timed out: {type(exc).__name__}")
     except httpx.TransportError as exc:
