@@ -311,6 +311,7 @@ def test_a_pinned_https_request_keeps_its_name_for_tls_and_host():
     literal = "http://user:pw@[2001:db8::1]:8080/h?q=1"
     assert pin(literal, "2001:db8::1").url == literal
     assert pin("http://hooks.example/h", "192.0.2.1") == PinnedUrl("http://192.0.2.1/h", "hooks.example", {})
+    assert pin("https://bücher.example/h", "192.0.2.1").host == "xn--bcher-kva.example"
 
 
 def test_signature_format_and_key_rotation():

@@ -161,6 +161,8 @@ def pin(url: str, address: str) -> PinnedUrl:
     """``url`` sent to ``address`` (one that :func:`guard_url` returned for it)."""
     parts = urlsplit(url)
     name = parts.hostname or ""
+    if not name.isascii():  # headers and SNI carry the IDNA form, as httpx would send it
+        name = name.encode("idna").decode("ascii")
     port = f":{parts.port}" if parts.port is not None else ""
     userinfo = parts.netloc.rpartition("@")[0]
     literal = f"[{address}]" if ":" in address else address
