@@ -28,16 +28,20 @@ def list_s3_prefix(uri: str, *, recursive: bool, endpoint_url: str | None = None
         endpoint_url: an S3-compatible endpoint instead of AWS.
     """
     import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    client = boto3.client("s3", endpoint_url=endpoint_url)
     options: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
     if not recursive:
         options["Delimiter"] = "/"
-    for page in client.get_paginator("list_objects_v2").paginate(**options):
-        for entry in page.get("Contents", []):
-            if Path(entry["Key"]).suffix.lower() in IMAGE_SUFFIXES:
-                yield f"s3://{bucket}/{entry['Key']}"
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint_url)
+        for page in client.get_paginator("list_objects_v2").paginate(**options):
+            for entry in page.get("Contents", []):
+                if Path(entry["Key"]).suffix.lower() in IMAGE_SUFFIXES:
+                    yield f"s3://{bucket}/{entry['Key']}"
+    except (BotoCoreError, ClientError) as exc:
+        raise CliptagError(f"listing {uri} failed: {exc}") from None
 
 
 def list_directory(directory: Path, *, recursive: bool) -> Iterator[str]:

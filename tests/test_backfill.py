@@ -167,6 +167,13 @@ def test_s3_prefix_backfill_lists_with_the_paginator(
     assert all(r["status"] == "ok" for r in results)
     assert "s3://uploads/2024/06/deeper/coffee.jpg" in {r["image"] for r in results}
 
+    missing = run_cli(
+        "submit", "s3://no-such-bucket/x/", "--labels", "cat",
+        redis_url=redis_server.url, queue=queue_name, env=s3_server.env,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "listing s3://no-such-bucket/x/ failed" in missing.stderr
+    assert "NoSuchBucket" in missing.stderr and "Traceback" not in missing.stderr
+
 
 def test_bulk_job_scores_equal_single_jobs(start_worker, client: Client, image_dir: Path):
     start_worker(max_wait_ms=500)
