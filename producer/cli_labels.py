@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from producer.cli_options import RedisUrl, console
+from producer.cli_options import RedisUrl, console, settings_for
 from producer.config import QueueSettings
 from producer.contract import describe_validation_error
 from producer.labelsets import LabelSetDefinition, LabelSetStore, read_label_file
@@ -25,10 +25,6 @@ labels_app = typer.Typer(
     no_args_is_help=True,
     help="Named label sets stored in Redis; jobs use them with label_set: NAME.",
 )
-
-
-def _settings(redis_url: str | None) -> QueueSettings:
-    return QueueSettings(**({"redis_url": redis_url} if redis_url else {}))
 
 
 def _fail(message: str, *, code: int = 1) -> typer.Exit:
@@ -67,7 +63,7 @@ def put(
     redis_url: RedisUrl = None,
 ) -> None:
     """Create or replace a label set; prints its new version."""
-    settings = _settings(redis_url)
+    settings = settings_for(redis_url)
     templates = template or []
     try:
         document = {
@@ -91,7 +87,7 @@ def list_sets(
     redis_url: RedisUrl = None,
 ) -> None:
     """Every stored label set: name, version, size, templates, last change."""
-    with _store(_settings(redis_url)) as store:
+    with _store(settings_for(redis_url)) as store:
         stored_sets = store.list()
     if as_json:
         for stored in stored_sets:
@@ -117,7 +113,7 @@ def show(
     redis_url: RedisUrl = None,
 ) -> None:
     """Print one label set (name, version, labels, templates, prompts) as JSON."""
-    with _store(_settings(redis_url)) as store:
+    with _store(settings_for(redis_url)) as store:
         stored = store.get(name)
     if stored is None:
         raise _fail(f"no label set named {name!r}")
@@ -132,7 +128,7 @@ def delete(
     redis_url: RedisUrl = None,
 ) -> None:
     """Delete a label set; jobs naming it then fail with unknown_label_set."""
-    with _store(_settings(redis_url)) as store:
+    with _store(settings_for(redis_url)) as store:
         deleted = store.delete(name)
     if not deleted:
         raise _fail(f"no label set named {name!r}")

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.celery_conf import WEBHOOK_QUEUE, make_celery
-from producer.cli_options import RedisUrl, console
+from producer.cli_options import RedisUrl, console, settings_for
 from producer.config import QueueSettings
 from producer.dlq import DeadLetterStore
 from producer.errors import shorten
@@ -107,7 +107,7 @@ def status(
     redis_url: RedisUrl = None,
 ) -> None:
     """Queue depths, live workers, dead-letter count and recent throughput."""
-    settings = QueueSettings(**({"redis_url": redis_url} if redis_url else {}))
+    settings = settings_for(redis_url)
     names = [name.strip() for name in queue.split(",") if name.strip()]
     try:
         report = deployment_status(settings, queues=names, timeout=timeout)
