@@ -319,8 +319,11 @@ class Pipeline:
         forwards = self._submit(ready, prompts)
         self._ahead.release(len(fetched) - len(forwards))
         if forwards:
-            # the batcher takes images in order, so the chunk's last is through the model last
-            forwards[-1].add_done_callback(lambda _: self._ahead.release(len(forwards)))
+            # the batcher takes images in order, so the chunk's last is through the model last;
+            # the callback holds the count, not the list: a future whose callback holds it
+            # would be a cycle, freeing the chunk's outputs only when the cyclic GC runs
+            count = len(forwards)
+            forwards[-1].add_done_callback(lambda _: self._ahead.release(count))
 
     def _submit(
         self, ready: Sequence[tuple[np.ndarray, PrepareTimings, Pending]], prompts: Sequence[LabelPrompts]
