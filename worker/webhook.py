@@ -196,18 +196,11 @@ def next_countdown(delivery: WebhookDelivery, outcome: Outcome) -> float:
     return max(backoff, min(outcome.retry_after or 0.0, MAX_RETRY_AFTER_SECONDS))
 
 
-ENQUEUE_RETRY_POLICY = {"max_retries": 60, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 2.0}
-"""Publishing a delivery waits out a Redis outage of about two minutes, like the result itself."""
-
-
 def enqueue(delivery: WebhookDelivery) -> None:
-    """Send ``delivery`` to the webhook queue and mark the job's webhook ``queued``."""
-    deliver_webhook.apply_async(
-        args=[delivery.model_dump(mode="json")],
-        queue=WEBHOOK_QUEUE,
-        retry=True,
-        retry_policy=ENQUEUE_RETRY_POLICY,
-    )
+    """Send ``delivery`` to the webhook queue and mark the job's webhook ``queued``. The send
+    waits out a Redis outage as every message the worker sends does
+    (``producer.celery_conf.PUBLISH_RETRY_POLICY``)."""
+    deliver_webhook.apply_async(args=[delivery.model_dump(mode="json")], queue=WEBHOOK_QUEUE)
     broker_redis().set(webhook_state_key(delivery.job_id), "queued", nx=True, ex=settings.result_ttl)
 
 
@@ -241,14 +234,21 @@ def release_lock(redis: Redis, lock: str, token: str) -> None:
     redis.eval(RELEASE_LOCK, 1, lock, token)
 
 
+def _delivered_already(redis: Redis, job_id: str) -> bool:
+    """Whether ``job_id``'s webhook is marked delivered (logged: this message is a duplicate)."""
+    if redis.get(webhook_state_key(job_id)) != "delivered":
+        return False
+    log.info("webhook_duplicate", job_id=job_id)
+    return True
+
+
 @app.task(name=WEBHOOK_TASK_NAME, bind=True, acks_late=True, max_retries=None, ignore_result=True)
 def deliver_webhook(self: Task, document: Any) -> dict[str, Any]:
     """Make one attempt at delivering ``document`` (a ``WebhookDelivery``); returns what happened."""
     delivery = WebhookDelivery.model_validate(document)
     report: dict[str, Any] = {"job_id": delivery.job_id, "attempt": delivery.attempt}
     redis = broker_redis()
-    if redis.get(webhook_state_key(delivery.job_id)) == "delivered":
-        log.info("webhook_duplicate", job_id=delivery.job_id)
+    if _delivered_already(redis, delivery.job_id):
         return {**report, "status": "duplicate"}
     lock = webhook_lock_key(delivery.job_id)
     token = uuid.uuid4().hex
@@ -259,8 +259,7 @@ def deliver_webhook(self: Task, document: Any) -> dict[str, Any]:
         log.info("webhook_busy", job_id=delivery.job_id, countdown=countdown)
         raise self.retry(countdown=countdown)
     try:
-        if redis.get(webhook_state_key(delivery.job_id)) == "delivered":  # by the lock's last holder
-            log.info("webhook_duplicate", job_id=delivery.job_id)
+        if _delivered_already(redis, delivery.job_id):  # by the lock's last holder
             return {**report, "status": "duplicate"}
         outcome = attempt_delivery(delivery)
         if outcome.delivered:
