@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.contract import parse_job
+from producer.contract import JobResult, parse_job
 from tests.servers import Reply
 from worker.budget import Budget
 from worker.config import WorkerSettings
@@ -47,21 +47,39 @@ def test_budget_blocks_past_its_limit_and_grants_an_oversized_request_alone():
         Budget(0)
 
 
+def write_images(directory: Path, count: int) -> list[str]:
+    """``count`` small JPEGs of different colours in ``directory``, their paths in order."""
+    directory.mkdir()
+    references = []
+    for index in range(count):
+        path = directory / f"{index:03d}.jpg"
+        Image.new("RGB", (48, 40), (index * 2, 90, 200 - index)).save(path)
+        references.append(str(path))
+    return references
+
+
+def tiny_pipeline(tiny_clip: Path, **settings: object) -> Pipeline:
+    """A pipeline (not started) on the tiny CLIP, on the CPU, with ``settings``."""
+    worker_settings = WorkerSettings(model=str(tiny_clip), device="cpu", **settings)
+    return Pipeline(load_clip(worker_settings.model, device="cpu"), worker_settings)
+
+
+def run_bulk_job(pipeline: Pipeline, references: list[str], labels: list[str]) -> JobResult:
+    """Start ``pipeline``, run one bulk tag job over ``references``, stop it."""
+    job = parse_job({"job_id": "bulk", "kind": "tag", "images": references, "labels": labels})
+    pipeline.start()
+    try:
+        return pipeline.run(job)
+    finally:
+        pipeline.stop()
+
+
 @pytest.mark.parametrize("max_batch", [8, 1])
 def test_bulk_images_run_no_further_ahead_of_a_slow_model_than_the_budget(
     tiny_clip: Path, tmp_path: Path, max_batch: int
 ):
-    images = tmp_path / "images"
-    images.mkdir()
-    references = []
-    for index in range(120):
-        path = images / f"{index:03d}.jpg"
-        Image.new("RGB", (48, 40), (index * 2, 90, 200 - index)).save(path)
-        references.append(str(path))
-    settings = WorkerSettings(
-        model=str(tiny_clip), device="cpu", local_roots=str(images), max_batch=max_batch
-    )
-    pipeline = Pipeline(load_clip(settings.model, device="cpu"), settings)
+    references = write_images(tmp_path / "images", 120)
+    pipeline = tiny_pipeline(tiny_clip, local_roots=str(tmp_path / "images"), max_batch=max_batch)
     counts = {"fetched": 0, "forwarded": 0, "most_ahead": 0}
     lock = threading.Lock()
     fetch, forward = pipeline.fetch, pipeline.engine.image_embeddings
@@ -81,12 +99,7 @@ def test_bulk_images_run_no_further_ahead_of_a_slow_model_than_the_budget(
 
     pipeline.fetch = counting_fetch  # type: ignore[method-assign]
     pipeline.engine.image_embeddings = slow_forward  # type: ignore[method-assign]
-    pipeline.start()
-    try:
-        job = parse_job({"job_id": "bulk", "kind": "tag", "images": references, "labels": ["red", "blue"]})
-        result = pipeline.run(job)
-    finally:
-        pipeline.stop()
+    result = run_bulk_job(pipeline, references, ["red", "blue"])
 
     assert result.status == "ok"
     assert [item.image for item in result.items or []] == references
@@ -117,15 +130,8 @@ def test_a_bulk_job_of_urls_downloads_side_by_side(tiny_clip: Path, http_server)
     for index in range(48):
         http_server.routes[f"/{index}.jpg"] = slow_image
         references.append(http_server.url(f"/{index}.jpg"))
-    settings = WorkerSettings(
-        model=str(tiny_clip), device="cpu", max_batch=8, io_threads=48, allow_private_hosts=True
-    )
-    pipeline = Pipeline(load_clip(settings.model, device="cpu"), settings).start()
-    try:
-        job = parse_job({"job_id": "urls", "kind": "tag", "images": references, "labels": ["cat", "dog"]})
-        result = pipeline.run(job)
-    finally:
-        pipeline.stop()
+    pipeline = tiny_pipeline(tiny_clip, max_batch=8, io_threads=48, allow_private_hosts=True)
+    result = run_bulk_job(pipeline, references, ["cat", "dog"])
     assert result.status == "ok" and all(item.status == "ok" for item in result.items or [])
     # under load not all 32 overlap (16 seen with the suite on 2 cores); chunks gave exactly 2
     assert 8 <= downloads["most"] <= ready_ahead_limit(8), downloads
@@ -134,15 +140,8 @@ def test_a_bulk_job_of_urls_downloads_side_by_side(tiny_clip: Path, http_server)
 def test_a_bulk_job_lets_go_of_each_batch_output_once_postprocessed(tiny_clip: Path, tmp_path: Path):
     """Every batch has a label matrix of its own; a bulk job kept them all (and its images'
     outputs) until its last image was done: ~1 GB for 10,000 images of 1,000 labels."""
-    images = tmp_path / "images"
-    images.mkdir()
-    references = []
-    for index in range(64):
-        path = images / f"{index:03d}.png"
-        Image.new("RGB", (40, 40), (index * 3, 60, 90)).save(path)
-        references.append(str(path))
-    settings = WorkerSettings(model=str(tiny_clip), device="cpu", local_roots=str(images), max_batch=4)
-    pipeline = Pipeline(load_clip(settings.model, device="cpu"), settings)
+    references = write_images(tmp_path / "images", 64)
+    pipeline = tiny_pipeline(tiny_clip, local_roots=str(tmp_path / "images"), max_batch=4)
     matrices: dict[str, weakref.ref] = {}
     most_alive = 0
     postprocess, forward = pipeline.postprocess, pipeline.engine.image_embeddings
@@ -159,12 +158,7 @@ def test_a_bulk_job_lets_go_of_each_batch_output_once_postprocessed(tiny_clip: P
 
     pipeline.postprocess = watching_postprocess  # type: ignore[method-assign]
     pipeline.engine.image_embeddings = slow_forward  # type: ignore[method-assign]
-    pipeline.start()
-    try:
-        job = parse_job({"job_id": "bulk", "kind": "tag", "images": references, "labels": ["a", "b"]})
-        result = pipeline.run(job)
-    finally:
-        pipeline.stop()
+    result = run_bulk_job(pipeline, references, ["a", "b"])
     assert result.status == "ok" and len(matrices) >= 16
     ahead = ready_ahead_limit(4) // 4 + 1  # batches the model may run ahead of postprocessing
     assert most_alive <= ahead < 16, f"{most_alive} of {len(matrices)} matrices alive at once"
