@@ -128,6 +128,22 @@ def test_submit_prints_ids_as_it_goes_and_resumes_past_a_torn_record(
     unreachable = "redis://127.0.0.1:1/0"
     down = run_cli("submit", images[0], "--labels", "cat", redis_url=unreachable, queue=queue_name)
     assert down.returncode == 1 and "Redis did not answer" in down.stderr and "Traceback" not in down.stderr
+    both = run_cli(
+        "submit", images[0], "--labels", "cat", "--label-set", "s", redis_url=unreachable, queue=queue_name
+    )
+    assert both.returncode == 1 and "--label-set replaces --labels" in both.stderr
+    record.write_text('[1]\n{"job_id": "a", "images": []}\n')
+    corrupt = run_cli(
+        "submit",
+        images[0],
+        "--labels",
+        "cat",
+        "--record",
+        str(record),
+        redis_url=unreachable,
+        queue=queue_name,
+    )
+    assert corrupt.returncode == 1 and "line 1 is not a submission record" in corrupt.stderr
     sentinel = run_cli("submit", images[0], "--labels", "cat", redis_url="sentinel://h:1", queue=queue_name)
     assert sentinel.returncode == 1 and "CLIPTAG_REDIS_URL: Value error, 'sentinel' URLs" in sentinel.stderr
 

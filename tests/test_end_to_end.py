@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from producer.client import Client
 from producer.config import QueueSettings
@@ -44,6 +45,30 @@ def test_scores_match_reference_in_one_mixed_batch(start_worker, client, image_d
         assert {"queue_wait", "fetch", "preprocess", "inference"} <= result.timings_ms.keys()
         batch_ids.add(result.batch_id)
     assert len(batch_ids) < len(jobs), "jobs submitted together must share forward passes"
+
+
+def test_fast_preprocessing_through_a_worker_stays_close_to_the_reference(
+    start_worker, client, image_dir: Path, tiny_clip: Path
+):
+    """The production default (``CLIPTAG_EXACT_PREPROCESS=0``, which the other tests turn off):
+    the column resize on landscape and portrait photos, and JPEG draft decode, give scores
+    close to the reference's. The tiny model's 64-pixel input lets every photo here be
+    draft-decoded at ½ or less (its pixels stray up to 0.28 in normalized units, against
+    0.06 at ViT-B/32's 224: docs/benchmarks.md), hence a bound of 0.01 on scores."""
+    cat = Image.open(image_dir / "cat.jpg")
+    cat.transpose(Image.Transpose.ROTATE_90).save(image_dir / "cat-portrait.jpg", quality=95)
+    cat.resize((1920, 1080)).save(image_dir / "cat-1080p.jpg", quality=90)
+    worker = start_worker(exact_preprocess=0)
+    logged = [json.loads(line) for line in worker.log_text().splitlines() if line.startswith("{")]
+    assert next(line for line in logged if line.get("event") == "model_ready")["preprocess"] == "fast"
+    reference = ReferenceClip(tiny_clip)
+    labels = LABEL_SETS[0]
+    for name in ("cat.jpg", "coffee.jpg", "cat-portrait.jpg", "cat-1080p.jpg"):
+        result = client.submit(str(image_dir / name), labels).result(timeout=120)
+        expected = reference.probabilities(image_dir / name, [f"a photo of a {x}." for x in labels])
+        got = {entry.label: entry.score for entry in result.scores}
+        for label, score in zip(labels, expected, strict=True):
+            assert got[label] == pytest.approx(score, abs=1e-2), name
 
 
 def test_batching_uses_fewer_forward_passes_than_jobs(start_worker, client, image_dir: Path):

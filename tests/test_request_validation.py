@@ -50,10 +50,13 @@ def test_bad_requests_are_refused_naming_the_field(changes, named):
     assert named in refusal(changes)
 
 
-def test_the_client_refuses_a_lone_string_as_labels():
+def test_the_client_refuses_a_lone_string_as_labels_and_a_shared_job_id():
     with Client("redis://127.0.0.1:1/0") as client, pytest.raises(JobError) as raised:
         client.submit("/photos/cat.jpg", "cat")  # type: ignore[arg-type]
     assert raised.value.code is ErrorCode.INVALID_REQUEST and "labels" in raised.value.message
+    with Client("redis://127.0.0.1:1/0") as client, pytest.raises(JobError) as raised:
+        next(client.submit_many(["/a.jpg", "/b.jpg"], ["cat"], job_id="same"))
+    assert raised.value.code is ErrorCode.INVALID_REQUEST and "job_id" in raised.value.message
 
 
 def test_the_label_limit_is_the_workers_setting():
